@@ -1,0 +1,227 @@
+"""A native Gemma 3 text decoder, written for small-batch CPU decoding.
+
+``forward(token_ids, positions, cache)`` runs any number of new tokens per sequence (prefill,
+one-token decode, the k+1-token verification pass) and returns logits and the final hidden states.
+What it implements: embedding scaled by sqrt(d), RMSNorm with a ``1 + w`` scale computed in float32,
+QK-norm, rotary embeddings with separate bases for sliding-window (local) and global layers,
+grouped-query attention over the shared ``KVCache``, GeGLU MLP (tanh GELU), sandwich norms around
+both blocks, and the LM head tied to the embedding.
+
+Weights are held as ``PackedLinear`` layers (fp32, bf16, int8 or int4 storage, float32 compute);
+q/k/v and gate/up are fused into one product each, because at M <= 9 rows every product costs a
+read of its weight plus a fixed dispatch overhead. This module knows nothing about drafting; it
+writes the cache slots of the positions it is given and never changes sequence lengths.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mtpspec.config import ModelConfig
+from mtpspec.kv_cache import CacheFullError, KVCache
+from mtpspec.ops import PackedLinear
+
+
+def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """Gemma RMSNorm: ``x / rms(x) * scale`` with ``scale = 1 + w`` precomputed, in float32."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * scale
+
+
+def rotary_tables(theta: float, head_dim: int, length: int, factor: float = 1.0):
+    """cos/sin tables ``[length, head_dim]`` for the rotate-half (NeoX) rotary layout."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    positions = torch.arange(length, dtype=torch.float32) / factor
+    freqs = torch.outer(positions, inv_freq)  # [S, D/2]
+    angles = torch.cat([freqs, freqs], dim=-1)  # [S, D]
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` ``[B, T, H, D]`` by per-position tables ``cos``/``sin`` ``[B, T, 1, D]``."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class Gemma3Layer(nn.Module):
+    """One decoder block: attention and MLP, each wrapped in pre- and post-norms."""
+
+    def __init__(self, config: ModelConfig, index: int, weights: dict[str, torch.Tensor], fmt: str):
+        super().__init__()
+        prefix = f"model.layers.{index}."
+        get = lambda name: weights[prefix + name]  # noqa: E731
+        self.config = config
+        self.index = index
+        self.is_global = config.is_global(index)
+        qkv = torch.cat([get("self_attn.q_proj.weight"), get("self_attn.k_proj.weight"),
+                         get("self_attn.v_proj.weight")])
+        self.qkv = PackedLinear.from_weight(qkv, fmt)
+        self.o_proj = PackedLinear.from_weight(get("self_attn.o_proj.weight"), fmt)
+        gate_up = torch.cat([get("mlp.gate_proj.weight"), get("mlp.up_proj.weight")])
+        self.gate_up = PackedLinear.from_weight(gate_up, fmt)
+        self.down = PackedLinear.from_weight(get("mlp.down_proj.weight"), fmt)
+        for name in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                     "post_feedforward_layernorm", "self_attn.q_norm", "self_attn.k_norm"):
+            scale = 1.0 + get(name + ".weight").float()
+            self.register_buffer(name.replace("self_attn.", "") + "_scale", scale, persistent=False)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                positions: torch.Tensor, mask: torch.Tensor, key_start: int,
+                cache: KVCache) -> torch.Tensor:
+        # x [B, T, d]; rope cos/sin [B, T, 1, Dh]; mask [B, 1, T, S] bool over key slots key_start..
+        cfg = self.config
+        batch, steps, _ = x.shape
+        eps = cfg.rms_norm_eps
+        h = rms_norm(x, self.input_layernorm_scale, eps)
+        qkv = self.qkv(h)  # [B, T, q + 2kv]
+        q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+        q = rms_norm(q.view(batch, steps, cfg.num_heads, cfg.head_dim), self.q_norm_scale, eps)
+        k = rms_norm(k.view(batch, steps, cfg.num_kv_heads, cfg.head_dim), self.k_norm_scale, eps)
+        q = apply_rotary(q, *rope)
+        k = apply_rotary(k, *rope)
+        v = v.view(batch, steps, cfg.num_kv_heads, cfg.head_dim)
+        cache.write(self.index, positions, k.transpose(1, 2), v.transpose(1, 2))
+        key_end = mask.shape[-1] + key_start
+        keys = cache.k[self.index, :batch, :, key_start:key_end]    # [B, kvh, S, Dh]
+        values = cache.v[self.index, :batch, :, key_start:key_end]  # [B, kvh, S, Dh]
+        attn = attend(q, keys, values, mask, cfg.query_pre_attn_scalar ** -0.5)  # [B, T, H*Dh]
+        x = x + rms_norm(self.o_proj(attn), self.post_attention_layernorm_scale, eps)
+        h = rms_norm(x, self.pre_feedforward_layernorm_scale, eps)
+        gate, up = self.gate_up(h).chunk(2, dim=-1)
+        h = self.down(F.gelu(gate, approximate="tanh") * up)
+        return x + rms_norm(h, self.post_feedforward_layernorm_scale, eps)
+
+
+def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+           scale: float) -> torch.Tensor:
+    """Grouped-query attention without expanding K/V.
+
+    q [B, T, H, Dh]; keys/values [B, kvh, S, Dh]; mask [B, 1, T, S] (True = visible).
+    Returns [B, T, H*Dh].
+    """
+    batch, steps, heads, head_dim = q.shape
+    kv_heads = keys.shape[1]
+    group = heads // kv_heads
+    # heads h = g_kv * group + j share kv head g_kv: fold the group into the query axis
+    qg = q.permute(0, 2, 1, 3).reshape(batch, kv_heads, group * steps, head_dim)
+    scores = torch.matmul(qg, keys.transpose(-1, -2)) * scale  # [B, kvh, group*T, S]
+    scores = scores.view(batch, kv_heads, group, steps, -1)
+    scores = scores.masked_fill(~mask.unsqueeze(1), float("-inf"))
+    probs = torch.softmax(scores, dim=-1).view(batch, kv_heads, group * steps, -1)
+    out = torch.matmul(probs, values)  # [B, kvh, group*T, Dh]
+    out = out.view(batch, heads, steps, head_dim).transpose(1, 2)
+    return out.reshape(batch, steps, heads * head_dim)
+
+
+class Gemma3Model(nn.Module):
+    """Gemma 3 text decoder with a tied LM head; see the module docstring."""
+
+    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], fmt: str = "fp32"):
+        super().__init__()
+        self.config = config
+        self.weight_format = fmt
+        self.embed = PackedLinear.from_weight(weights["model.embed_tokens.weight"], fmt)
+        self.layers = nn.ModuleList(Gemma3Layer(config, i, weights, fmt)
+                                    for i in range(config.num_layers))
+        self.register_buffer("norm_scale", 1.0 + weights["model.norm.weight"].float(),
+                             persistent=False)
+        self.embed_scale = torch.tensor(math.sqrt(config.hidden_size), dtype=torch.float32)
+        self._rope_len = 0
+        self._rope: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def new_cache(self, batch_size: int = 1, max_len: int = 4096) -> KVCache:
+        return KVCache(self.config, batch_size, min(max_len, self.config.max_position_embeddings))
+
+    def embed_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Scaled embeddings ``[*, d]`` of ``token_ids`` ``[*]``."""
+        rows = self.embed.rows(token_ids.reshape(-1))
+        return (rows * self.embed_scale).view(*token_ids.shape, -1)
+
+    def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits ``[*, V]`` of final-normed hidden states ``[*, d]`` (the tied head)."""
+        return self.embed(hidden)
+
+    def _rope_tables(self, needed: int):
+        if needed > self._rope_len:
+            length = max(needed, 2 * self._rope_len, 1024)
+            cfg = self.config
+            self._rope = {
+                True: rotary_tables(cfg.rope_theta_global, cfg.head_dim, length,
+                                    cfg.rope_scaling_factor),
+                False: rotary_tables(cfg.rope_theta_local, cfg.head_dim, length),
+            }
+            self._rope_len = length
+        return self._rope
+
+    @torch.inference_mode()
+    def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                num_logits: int | None = 1) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Run new tokens through the model, writing their K/V into ``cache``.
+
+        token_ids, positions: [B, T] (positions of sequence b must be consecutive and follow what
+        its cache already holds). num_logits: logits for the last n positions (None: all, 0: none).
+        Returns (logits [B, n, V] float32 or None, hidden [B, T, d] after the final norm).
+        """
+        return self.forward_hidden(token_ids, positions, cache, num_logits)
+
+    def forward_hidden(self, token_ids, positions, cache, num_logits=1):
+        """``forward`` without inference mode, for callers that manage autograd themselves."""
+        cfg = self.config
+        batch, steps = token_ids.shape
+        last = int(positions.max()) + 1
+        if last > cache.max_len:
+            cache.check_room(last)
+        if int(positions.min()) < 0:
+            raise CacheFullError("positions must be non-negative")
+        tables = self._rope_tables(last)
+        x = self.embed_tokens(token_ids)  # [B, T, d]
+        rope = {kind: (cos[positions].unsqueeze(2), sin[positions].unsqueeze(2))
+                for kind, (cos, sin) in tables.items()}
+        masks = {kind: self._mask(positions, last, kind) for kind in (True, False)}
+        for layer in self.layers:
+            mask, start = masks[layer.is_global]
+            x = layer(x, rope[layer.is_global], positions, mask, start, cache)
+        hidden = rms_norm(x, self.norm_scale, cfg.rms_norm_eps)  # [B, T, d]
+        if num_logits == 0:
+            return None, hidden
+        tail = hidden if num_logits is None else hidden[:, -num_logits:]
+        return self.lm_head(tail), hidden
+
+    def _mask(self, positions: torch.Tensor, end: int, is_global: bool):
+        """Visible key slots for each query: causal, and within the window on local layers."""
+        window = self.config.sliding_window
+        start = 0 if is_global else max(0, int(positions.min()) - window + 1)
+        slots = torch.arange(start, end)  # [S]
+        query = positions.unsqueeze(-1)  # [B, T, 1]
+        visible = slots <= query
+        if not is_global:
+            visible &= slots > query - window
+        return visible.unsqueeze(1), start  # [B, 1, T, S]
+
+
+def random_weights(config: ModelConfig, seed: int = 0, scale: float = 0.5) -> dict[str, torch.Tensor]:
+    """Random weights under Hugging Face names, for tests on tiny configurations."""
+    gen = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=gen) * scale  # noqa: E731
+    d, q, kv, inter = config.hidden_size, config.q_size, config.kv_size, config.intermediate_size
+    weights = {"model.embed_tokens.weight": rand(config.vocab_size, d) / math.sqrt(d),
+               "model.norm.weight": rand(d) * 0.1}
+    for i in range(config.num_layers):
+        p = f"model.layers.{i}."
+        shapes = {
+            "self_attn.q_proj.weight": (q, d), "self_attn.k_proj.weight": (kv, d),
+            "self_attn.v_proj.weight": (kv, d), "self_attn.o_proj.weight": (d, q),
+            "mlp.gate_proj.weight": (inter, d), "mlp.up_proj.weight": (inter, d),
+            "mlp.down_proj.weight": (d, inter),
+        }
+        for name, shape in shapes.items():
+            weights[p + name] = rand(*shape) / math.sqrt(shape[1])
+        for name in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                     "post_feedforward_layernorm"):
+            weights[p + name + ".weight"] = rand(d) * 0.1
+        weights[p + "self_attn.q_norm.weight"] = rand(config.head_dim) * 0.1
+        weights[p + "self_attn.k_norm.weight"] = rand(config.head_dim) * 0.1
+    return weights

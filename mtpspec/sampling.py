@@ -1,0 +1,124 @@
+"""Sampling parameters and the logits -> probabilities -> token path.
+
+Speculative decoding is lossless only if the verifier sees exactly the distribution that plain
+sampling would draw from. This module is the single place that turns logits into that
+distribution (temperature, then top-k, then top-p, then renormalise), so the target's p and the
+proposer's q are always processed the same way. Greedy decoding (``temperature == 0``) is a real
+argmax path, not a tiny temperature: ``logits_to_probs`` returns the one-hot of the argmax, which
+makes rejection sampling collapse to exact greedy verification.
+
+It must not call models, hold state, or touch caches.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to turn logits into a next-token distribution."""
+
+    temperature: float = 0.0  # 0 means greedy (argmax); otherwise logits are divided by it
+    top_k: int = 0  # keep only the k most likely tokens; 0 turns it off
+    top_p: float = 1.0  # nucleus: smallest set with cumulative prob >= top_p; 1.0 turns it off
+    seed: int | None = None  # seed for make_generator; None draws one from os.urandom
+
+    def __post_init__(self) -> None:
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)):
+            raise ValueError(f"temperature must be a number, got {self.temperature!r}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(
+                f"temperature must be finite and >= 0 (0 means greedy), got {self.temperature!r}"
+            )
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int):
+            raise ValueError(f"top_k must be an int, got {self.top_k!r}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 turns it off), got {self.top_k}")
+        if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)):
+            raise ValueError(f"top_p must be a number, got {self.top_p!r}")
+        if not (0.0 < self.top_p <= 1.0):  # also rejects NaN
+            raise ValueError(f"top_p must be in (0, 1] (1.0 turns it off), got {self.top_p!r}")
+        seed_is_int = isinstance(self.seed, int) and not isinstance(self.seed, bool)
+        if self.seed is not None and not seed_is_int:
+            raise ValueError(f"seed must be an int or None, got {self.seed!r}")
+
+    @property
+    def greedy(self) -> bool:
+        """Whether decoding is deterministic argmax (temperature 0)."""
+        return self.temperature == 0.0
+
+
+def make_generator(params: SamplingParams) -> torch.Generator | None:
+    """A seeded CPU generator for ``params``, or None for greedy params (nothing is random).
+
+    With ``params.seed is None`` the seed is drawn from ``os.urandom``, so runs differ.
+    """
+    if params.greedy:
+        return None
+    seed = params.seed
+    if seed is None:
+        seed = int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1)
+    generator = torch.Generator(device="cpu")
+    generator.manual_seed(seed)
+    return generator
+
+
+def _top_k_mask(logits: Tensor, k: int) -> Tensor:
+    """Boolean mask of the k largest logits per row (exactly k, ties broken by topk)."""
+    top_idx = torch.topk(logits, k, dim=-1).indices  # [..., k]
+    keep = torch.zeros_like(logits, dtype=torch.bool)  # [..., V]
+    return keep.scatter_(-1, top_idx, True)
+
+
+def _top_p_mask(probs: Tensor, top_p: float) -> Tensor:
+    """Boolean mask of the nucleus: the smallest highest-prob set with cumulative prob >= top_p.
+
+    A token is kept iff the mass of the tokens strictly more likely than it (in sorted order) is
+    still below top_p; the most likely token always has 0 mass before it, so one is always kept.
+    """
+    sorted_probs, sorted_idx = torch.sort(probs, dim=-1, descending=True)  # [..., V]
+    mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # [..., V] exclusive cumsum
+    keep_sorted = mass_before < top_p  # [..., V]
+    keep_sorted[..., 0] = True
+    keep = torch.zeros_like(keep_sorted)  # [..., V]
+    return keep.scatter_(-1, sorted_idx, keep_sorted)
+
+
+def logits_to_probs(logits: Tensor, params: SamplingParams) -> Tensor:
+    """Target distribution of plain sampling: float32 probs ``[..., V]`` from logits ``[..., V]``.
+
+    Order: divide by temperature, keep the top-k logits, softmax, keep the top-p nucleus,
+    renormalise. Greedy params give the one-hot of the argmax (first index on ties).
+    """
+    logits = logits.float()  # [..., V]
+    vocab = logits.shape[-1]
+    if params.greedy:
+        top = logits.argmax(dim=-1, keepdim=True)  # [..., 1]
+        return torch.zeros_like(logits).scatter_(-1, top, 1.0)
+    logits = logits / params.temperature
+    if 0 < params.top_k < vocab:
+        logits = logits.masked_fill(~_top_k_mask(logits, params.top_k), -math.inf)
+    probs = torch.softmax(logits, dim=-1)  # [..., V]
+    if params.top_p < 1.0:
+        probs = probs.masked_fill(~_top_p_mask(probs, params.top_p), 0.0)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    return probs
+
+
+def sample(probs: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Draw one token per row: probs ``[B, V]`` (need not be normalised) -> ids ``[B]`` int64."""
+    flat = probs.reshape(-1, probs.shape[-1])  # [B, V]
+    tokens = torch.multinomial(flat, 1, generator=generator)  # [B, 1]
+    return tokens.reshape(probs.shape[:-1])
+
+
+def select(logits: Tensor, params: SamplingParams, generator: torch.Generator | None) -> Tensor:
+    """Next token per row from logits ``[B, V]`` -> ``[B]``: argmax for greedy, else a sample."""
+    if params.greedy:
+        return logits.argmax(dim=-1)
+    return sample(logits_to_probs(logits, params), generator)

@@ -1,0 +1,37 @@
+"""Shared fixtures: tiny random Gemma 3 models, and the real default model when it is installed."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mtpspec.config import tiny_config
+from mtpspec.models.gemma3 import Gemma3Model, random_weights
+
+torch.set_num_threads(2)
+
+
+def tiny_model(seed: int = 0, fmt: str = "fp32", **overrides) -> Gemma3Model:
+    config = tiny_config(**overrides)
+    return Gemma3Model(config, random_weights(config, seed=seed), fmt)
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    return tiny_model(seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_drafter_model():
+    # a different random model with the same vocabulary: a weak but real draft model
+    return tiny_model(seed=1, num_layers=2)
+
+
+@pytest.fixture(scope="session")
+def real_target():
+    """The embedded default model (loads from the cache after the first run)."""
+    from mtpspec.runtime import load_target
+
+    try:
+        return load_target(None, "fp32")
+    except Exception as err:  # noqa: BLE001 - any failure to load means: skip the real-model tests
+        pytest.skip(f"default model unavailable: {err}")
