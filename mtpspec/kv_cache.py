@@ -21,15 +21,15 @@ class KVCache:
     """Per-layer K/V buffers for ``batch_size`` sequences of up to ``max_len`` positions."""
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
         if max_len > config.max_position_embeddings:
             raise CacheFullError(
                 f"cache of {max_len} positions exceeds the model's context of "
                 f"{config.max_position_embeddings}"
             )
         shape = (config.num_layers, batch_size, config.num_kv_heads, max_len, config.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype)  # [L, B, kvh, S, D]
-        self.v = torch.zeros(shape, dtype=dtype)  # [L, B, kvh, S, D]
+        self.k = torch.zeros(shape, dtype=dtype, device=device)  # [L, B, kvh, S, D]
+        self.v = torch.zeros(shape, dtype=dtype, device=device)  # [L, B, kvh, S, D]
         self.lengths = [0] * batch_size           # committed positions per sequence
         self.max_len = max_len
         self.batch_size = batch_size
@@ -46,12 +46,12 @@ class KVCache:
         """Store ``k``/``v`` ``[B, kvh, T, D]`` at ``positions`` ``[B, T]`` of ``layer``."""
         batch, steps = positions.shape
         start = int(positions[0, 0])
-        expected = start + torch.arange(steps)  # [T]
+        expected = start + torch.arange(steps, device=positions.device)  # [T]
         if bool((positions == expected).all()):  # the common case: one block at the same offset
             self.k[layer, :batch, :, start:start + steps] = k
             self.v[layer, :batch, :, start:start + steps] = v
             return
-        rows = torch.arange(batch)[:, None].expand(batch, steps)  # [B, T]
+        rows = torch.arange(batch, device=positions.device)[:, None].expand(batch, steps)  # [B, T]
         self.k[layer].permute(0, 2, 1, 3)[rows, positions] = k.permute(0, 2, 1, 3)
         self.v[layer].permute(0, 2, 1, 3)[rows, positions] = v.permute(0, 2, 1, 3)
 

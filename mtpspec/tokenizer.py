@@ -20,7 +20,7 @@ import os
 import struct
 from dataclasses import dataclass
 from datetime import datetime
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 import jinja2
@@ -95,24 +95,37 @@ class Tokenizer:
     def stream_decoder(self) -> StreamDecoder:
         return StreamDecoder(self)
 
+    @cached_property
+    def held_ids(self) -> frozenset[int]:
+        """Ids after which streamed text may still change: byte-fallback tokens (``<0xE2>``), whose
+        run decodes as a whole, and special tokens, which decode to nothing."""
+        byte_ids = (self.backend.token_to_id(f"<0x{b:02X}>") for b in range(256))
+        special_ids = (i for i, t in self.backend.get_added_tokens_decoder().items() if t.special)
+        return frozenset(i for i in (*byte_ids, *special_ids) if i is not None)
+
 
 class StreamDecoder:
-    """Incremental detokenizer: ``push`` ids one by one, get back only complete characters.
+    """Incremental detokenizer: ``push`` ids one by one, get back only final text.
 
-    Keeps a short window of ids (``prefix`` .. end) and decodes it whole each time, so decoders that
-    depend on context (a stripped leading space, byte fallback) give the same text as ``decode``.
-    Text ending in U+FFFD means an unfinished UTF-8 sequence: it is held back until completed.
+    The pushed pieces joined (with ``flush``) always equal ``decode`` of all ids. Keeps a short
+    window of ids (``prefix`` .. end) and decodes it whole each time, so context-dependent decoders
+    work. Text is held back while it ends in U+FFFD (an unfinished UTF-8 sequence) or while the last
+    id is a byte-fallback token: a run of byte tokens decodes as a whole, and a later invalid byte
+    turns the entire run into U+FFFD. So a character spelled in bytes comes out one token late.
     """
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self._tokenizer = tokenizer
+        self._held_ids = tokenizer.held_ids
         self._ids: list[int] = []
         self._prefix = 0  # start of the context window
         self._read = 0  # ids before this have been emitted
 
     def push(self, token_id: int) -> str:
-        """Add one id; return the text it completes (may be "")."""
+        """Add one id; return the text it makes final (may be "")."""
         self._ids.append(token_id)
+        if token_id in self._held_ids:
+            return ""
         return self._emit(final=False)
 
     def flush(self) -> str:

@@ -109,16 +109,30 @@ def test_tiny_encode_decode(tiny: Tokenizer) -> None:
     assert tiny.decode(tiny.encode("<start_of_turn>user", add_bos=False)) == "user"
 
 
-def test_stream_decoder_holds_back_partial_utf8(tiny: Tokenizer) -> None:
-    euro = [tiny.token_to_id(f"<0x{b:02X}>") for b in "€".encode()]  # three byte-fallback tokens
+def byte_ids(tok: Tokenizer, text: str) -> list[int]:
+    return [tok.token_to_id(f"<0x{b:02X}>") for b in text.encode()]
+
+
+def test_stream_decoder_holds_back_byte_runs(tiny: Tokenizer) -> None:
+    euro = byte_ids(tiny, "€")  # three byte-fallback tokens
     assert tiny.encode("€", add_bos=False) == euro
     stream = tiny.stream_decoder()
     assert stream.push(tiny.token_to_id("hello")) == "hello"
+    assert [stream.push(i) for i in euro] == ["", "", ""]  # the run may still turn invalid
+    assert stream.push(tiny.token_to_id("▁world")) == "€ world"
     assert stream.push(euro[0]) == ""
-    assert stream.push(euro[1]) == ""
-    assert stream.push(euro[2]) == "€"
-    assert stream.push(tiny.token_to_id("▁world")) == " world"
+    assert stream.push(tiny.token_to_id("<eos>")) == ""
+    assert stream.push(tiny.token_to_id("he")) == "\ufffdhe"
+    assert [stream.push(i) for i in euro] == ["", "", ""]
+    assert stream.flush() == "€"
     assert stream.flush() == ""
+
+
+def test_stream_decoder_matches_decode_on_invalid_bytes(tiny: Tokenizer) -> None:
+    ids = byte_ids(tiny, "Z") + [tiny.token_to_id("<0x9F>"), tiny.token_to_id("he")]
+    assert tiny.decode(ids) == "\ufffd\ufffdhe"  # the whole run is replaced, "Z" included
+    stream = tiny.stream_decoder()
+    assert "".join([stream.push(i) for i in ids] + [stream.flush()]) == "\ufffd\ufffdhe"
 
 
 def test_stream_decoder_matches_decode(tiny: Tokenizer) -> None:

@@ -22,7 +22,13 @@ from torch import nn
 
 from mtpspec.config import ModelConfig
 from mtpspec.kv_cache import CacheFullError, KVCache
+from mtpspec.models.dense import DenseLinear
 from mtpspec.ops import PackedLinear
+
+
+def make_linear(weight: torch.Tensor, fmt: str):
+    """A packed CPU layer for the inference formats, a plain float layer for ``dense``."""
+    return DenseLinear(weight) if fmt == "dense" else PackedLinear.from_weight(weight, fmt)
 
 
 def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
@@ -58,11 +64,11 @@ class Gemma3Layer(nn.Module):
         self.is_global = config.is_global(index)
         qkv = torch.cat([get("self_attn.q_proj.weight"), get("self_attn.k_proj.weight"),
                          get("self_attn.v_proj.weight")])
-        self.qkv = PackedLinear.from_weight(qkv, fmt)
-        self.o_proj = PackedLinear.from_weight(get("self_attn.o_proj.weight"), fmt)
+        self.qkv = make_linear(qkv, fmt)
+        self.o_proj = make_linear(get("self_attn.o_proj.weight"), fmt)
         gate_up = torch.cat([get("mlp.gate_proj.weight"), get("mlp.up_proj.weight")])
-        self.gate_up = PackedLinear.from_weight(gate_up, fmt)
-        self.down = PackedLinear.from_weight(get("mlp.down_proj.weight"), fmt)
+        self.gate_up = make_linear(gate_up, fmt)
+        self.down = make_linear(get("mlp.down_proj.weight"), fmt)
         for name in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
                      "post_feedforward_layernorm", "self_attn.q_norm", "self_attn.k_norm"):
             scale = 1.0 + get(name + ".weight").float()
@@ -123,17 +129,19 @@ class Gemma3Model(nn.Module):
         super().__init__()
         self.config = config
         self.weight_format = fmt
-        self.embed = PackedLinear.from_weight(weights["model.embed_tokens.weight"], fmt)
+        self.embed = make_linear(weights["model.embed_tokens.weight"], fmt)
         self.layers = nn.ModuleList(Gemma3Layer(config, i, weights, fmt)
                                     for i in range(config.num_layers))
         self.register_buffer("norm_scale", 1.0 + weights["model.norm.weight"].float(),
                              persistent=False)
-        self.embed_scale = torch.tensor(math.sqrt(config.hidden_size), dtype=torch.float32)
+        # Hugging Face rounds the scale to the activation dtype; float32 here
+        self.embed_scale = float(torch.tensor(math.sqrt(config.hidden_size), dtype=torch.float32))
         self._rope_len = 0
         self._rope: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def new_cache(self, batch_size: int = 1, max_len: int = 4096) -> KVCache:
-        return KVCache(self.config, batch_size, min(max_len, self.config.max_position_embeddings))
+        return KVCache(self.config, batch_size, min(max_len, self.config.max_position_embeddings),
+                       device=self.norm_scale.device)
 
     def embed_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Scaled embeddings ``[*, d]`` of ``token_ids`` ``[*]``."""
@@ -144,8 +152,8 @@ class Gemma3Model(nn.Module):
         """Logits ``[*, V]`` of final-normed hidden states ``[*, d]`` (the tied head)."""
         return self.embed(hidden)
 
-    def _rope_tables(self, needed: int):
-        if needed > self._rope_len:
+    def _rope_tables(self, needed: int, device: torch.device):
+        if needed > self._rope_len or self._rope[True][0].device != device:
             length = max(needed, 2 * self._rope_len, 1024)
             cfg = self.config
             self._rope = {
@@ -153,6 +161,8 @@ class Gemma3Model(nn.Module):
                                     cfg.rope_scaling_factor),
                 False: rotary_tables(cfg.rope_theta_local, cfg.head_dim, length),
             }
+            self._rope = {kind: (cos.to(device), sin.to(device))
+                          for kind, (cos, sin) in self._rope.items()}
             self._rope_len = length
         return self._rope
 
@@ -176,7 +186,7 @@ class Gemma3Model(nn.Module):
             cache.check_room(last)
         if int(positions.min()) < 0:
             raise CacheFullError("positions must be non-negative")
-        tables = self._rope_tables(last)
+        tables = self._rope_tables(last, positions.device)
         x = self.embed_tokens(token_ids)  # [B, T, d]
         rope = {kind: (cos[positions].unsqueeze(2), sin[positions].unsqueeze(2))
                 for kind, (cos, sin) in tables.items()}
@@ -194,7 +204,7 @@ class Gemma3Model(nn.Module):
         """Visible key slots for each query: causal, and within the window on local layers."""
         window = self.config.sliding_window
         start = 0 if is_global else max(0, int(positions.min()) - window + 1)
-        slots = torch.arange(start, end)  # [S]
+        slots = torch.arange(start, end, device=positions.device)  # [S]
         query = positions.unsqueeze(-1)  # [B, T, 1]
         visible = slots <= query
         if not is_global:

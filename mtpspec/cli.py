@@ -1,0 +1,307 @@
+"""The ``mtpspec`` command: ``generate`` (stream one completion) and ``bench`` (compare methods).
+
+Only argument handling and wiring live here: models load through ``runtime``, proposers come
+from ``proposers.factory``, decoding is the ``engine``'s, and the benchmark is ``bench``'s.
+Every user error (a bad flag value, a missing file, a prompt that does not fit) ends in ONE line
+``mtpspec: error: ...`` on stderr and exit status 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from mtpspec.bench.methods import METHODS, MethodError, method_problem
+from mtpspec.bench.prompts import PromptFileError
+from mtpspec.kv_cache import CacheFullError
+from mtpspec.loading import ModelLoadError
+from mtpspec.ops import FORMATS
+from mtpspec.proposers.factory import SPECS, SpecError
+from mtpspec.tokenizer import NoChatTemplateError, UnsupportedTokenizerError
+
+DEFAULT_WEIGHTS = "fp32"
+DEFAULT_DRAFT_K = 4
+DEFAULT_MAX_LEN = 4096
+
+
+class UsageError(Exception):
+    """A user error found by the CLI itself; printed as one line."""
+
+
+USER_ERRORS = (UsageError, ModelLoadError, CacheFullError, NoChatTemplateError,
+               UnsupportedTokenizerError, PromptFileError, SpecError, MethodError,
+               FileNotFoundError)  # e.g. a model folder without tokenizer.json
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but its errors become one ``mtpspec: error:`` line like every other user error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(message)
+
+
+def _add_model_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=Path, default=None,
+                        help="GGUF file or Hugging Face folder (default: the embedded Gemma 3 270M)")
+    parser.add_argument("--weights", "--dtype", dest="weights", choices=FORMATS,
+                        default=DEFAULT_WEIGHTS, help="weight format the target runs in")
+    parser.add_argument("--max-len", type=int, default=DEFAULT_MAX_LEN,
+                        help="context size: prompt plus new tokens (default %(default)s)")
+    parser.add_argument("--drafter", type=Path, default=None, help="MTP drafter checkpoint")
+    parser.add_argument("--draft-model", type=Path, default=None,
+                        help="separate draft model (GGUF file or HF folder) for draft-model")
+
+
+def _add_sampling_flags(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
+    parser.add_argument("--top-k", type=int, default=0, help="0 turns it off")
+    parser.add_argument("--top-p", type=float, default=1.0, help="1.0 turns it off")
+    parser.add_argument("--seed", type=int, default=None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="mtpspec", description="Lossless speculative decoding on CPU.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    generate = commands.add_parser("generate", help="stream a completion of one prompt")
+    generate.add_argument("prompt", help="the prompt text, or - to read it from stdin")
+    _add_model_flags(generate)
+    _add_sampling_flags(generate, max_new_tokens=128)
+    generate.add_argument("--chat", action="store_true",
+                          help="apply the model's chat template to the prompt (a user message)")
+    generate.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    generate.add_argument("--spec", default=None,
+                          help=f"speculative method: {', '.join(SPECS)} (default: mtp when a "
+                               "drafter ships for the target, else ngram)")
+    generate.add_argument("--draft-k", type=int, default=DEFAULT_DRAFT_K,
+                          help="draft tokens per step (default %(default)s)")
+    generate.set_defaults(handler=cmd_generate)
+
+    bench = commands.add_parser("bench", help="compare decoding methods on a prompt set")
+    bench.add_argument("--prompts", type=Path, default=None,
+                       help="JSONL prompts (MT-bench/Spec-Bench 'turns' or 'prompt'; default: built-in)")
+    bench.add_argument("--limit", type=int, default=None, help="use the first N prompts")
+    bench.add_argument("--categories", default=None, help="comma-separated categories to keep")
+    bench.add_argument("--methods", default=None,
+                       help=f"comma-separated, from {', '.join(METHODS)} (default: plain,ngram "
+                            "and mtp when a drafter ships for the target)")
+    bench.add_argument("--draft-k", default=str(DEFAULT_DRAFT_K),
+                       help="draft length(s), comma-separated: each speculative method runs per k")
+    bench.add_argument("--batch-size", type=int, default=1)
+    bench.add_argument("--json", type=Path, default=None, help="write the JSON report here")
+    bench.add_argument("--plot", type=Path, default=None, help="write a PNG plot here")
+    _add_model_flags(bench)
+    _add_sampling_flags(bench, max_new_tokens=64)
+    bench.set_defaults(handler=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``mtpspec`` console script."""
+    try:
+        args = build_parser().parse_args(argv)
+        return args.handler(args)
+    except USER_ERRORS as err:
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"mtpspec: error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+# --- shared pieces --------------------------------------------------------------------------------
+
+def _sampling(args: argparse.Namespace):
+    from mtpspec.sampling import SamplingParams
+
+    try:
+        return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                              seed=args.seed)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+
+
+def _check_common(args: argparse.Namespace) -> None:
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.max_len < 2:
+        raise UsageError(f"--max-len must be >= 2, got {args.max_len}")
+
+
+def _proposer_request(args: argparse.Namespace):
+    from mtpspec.proposers.factory import ProposerRequest
+
+    return ProposerRequest(drafter_path=args.drafter, draft_model_path=args.draft_model,
+                           weights=args.weights, max_len=args.max_len)
+
+
+def _note(message: str) -> None:
+    print(f"mtpspec: note: {message}", file=sys.stderr)
+
+
+# --- generate -------------------------------------------------------------------------------------
+
+def _read_prompt(prompt: str) -> str:
+    text = sys.stdin.read().rstrip("\n") if prompt == "-" else prompt
+    if not text:
+        raise UsageError("empty prompt")
+    return text
+
+
+def _encode(target, text: str, chat: bool) -> list[int]:
+    tokenizer = target.tokenizer
+    if not chat:
+        return tokenizer.encode(text)
+    if tokenizer.chat_template is None:
+        raise NoChatTemplateError(f"--chat: model {target.name} has no chat template (a base "
+                                  "model?); drop --chat to use the prompt as plain text")
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}])
+    return tokenizer.encode(rendered, add_bos=False)  # the template writes the bos token
+
+
+def stats_line(result, load_s: float, spec: str, draft_k: int) -> str:
+    """The one stderr line after a generation."""
+    stats = result.stats
+    tokens = len(result.token_ids)
+    decode = (tokens - 1) / stats.decode_s if stats.decode_s > 0 and tokens > 1 else 0.0
+    total_s = stats.prefill_s + stats.decode_s
+    end_to_end = tokens / total_s if total_s > 0 else 0.0
+    method = "plain" if spec == "none" else f"{spec} k={draft_k}"
+    return (f"[{method}] {tokens} tokens ({result.finish_reason}) | decode {decode:.2f} tok/s | "
+            f"end-to-end {end_to_end:.2f} tok/s | tau {stats.tau:.2f} | acceptance "
+            f"{stats.acceptance_rate:.1%} ({stats.draft_accepted}/{stats.draft_proposed} drafts "
+            f"accepted) | prefill {stats.prefill_s:.3f} s ({stats.prompt_tokens} tokens) | "
+            f"load {load_s:.2f} s")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from mtpspec.engine import Engine, GenerateOptions
+    from mtpspec.proposers.factory import make_proposer
+    from mtpspec.runtime import configure_threads, load_target
+
+    _check_common(args)
+    if args.spec is not None and args.spec not in SPECS:
+        raise UsageError(f"unknown --spec {args.spec!r}; choose one of {', '.join(SPECS)}")
+    try:
+        options = GenerateOptions(max_new_tokens=args.max_new_tokens, sampling=_sampling(args),
+                                  stop=tuple(args.stop), draft_k=args.draft_k)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    text = _read_prompt(args.prompt)
+    configure_threads()
+    target = load_target(args.model, args.weights)
+    ids = _encode(target, text, args.chat)
+    built = make_proposer(args.spec, target, _proposer_request(args))
+    engine = Engine(target.model, target.tokenizer, built.proposer, max_len=args.max_len)
+    results = []
+    last, note = "\n", built.note
+    for event in engine.stream([ids], options, results):
+        if note:  # once generation has started: an error (e.g. a full cache) stays one line
+            _note(note)
+            note = None
+        if event.text:
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+            last = event.text
+    if not last.endswith("\n"):
+        sys.stdout.write("\n")
+    sys.stdout.flush()
+    print(stats_line(results[0], target.load_s, built.spec, options.draft_k), file=sys.stderr)
+    return 0
+
+
+# --- bench ----------------------------------------------------------------------------------------
+
+def _split(value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def _draft_ks(value: str) -> tuple[int, ...]:
+    parts = _split(value) or []
+    try:
+        ks = tuple(dict.fromkeys(int(part) for part in parts))
+    except ValueError:
+        raise UsageError(f"--draft-k takes integers like 4 or 2,4,8; got {value!r}") from None
+    if not ks or any(not 1 <= k <= 32 for k in ks):
+        raise UsageError(f"--draft-k values must be in 1..32, got {value!r}")
+    return ks
+
+
+def _bench_methods(args: argparse.Namespace) -> list[str] | None:
+    """Method names from --methods, checked before any model loads (None: decide after loading)."""
+    names = _split(args.methods)
+    if names is None:
+        return None
+    if not names:
+        raise UsageError("--methods is empty")
+    for name in names:
+        problem = method_problem(name)
+        if problem is not None:
+            raise UsageError(problem)
+    if "draft-model" in names and args.draft_model is None:
+        raise UsageError("method draft-model needs --draft-model PATH (a smaller GGUF or HF folder)")
+    names = list(dict.fromkeys(names))
+    if "plain" not in names:
+        _note("adding method plain: speedups and exactness are measured against it")
+        names.insert(0, "plain")
+    return names
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from mtpspec.bench import report
+    from mtpspec.bench.methods import build_methods
+    from mtpspec.bench.prompts import BUILTIN_PROMPTS, load_prompts, prompt_token_ids, select_prompts
+    from mtpspec.bench.runner import BenchConfig, run_bench
+    from mtpspec.proposers.factory import default_spec
+    from mtpspec.runtime import configure_threads, load_target
+
+    _check_common(args)
+    names = _bench_methods(args)
+    draft_ks = _draft_ks(args.draft_k)
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path is not None and not path.resolve().parent.is_dir():
+            raise UsageError(f"{flag}: folder {path.resolve().parent} does not exist")
+    config = BenchConfig(max_new_tokens=args.max_new_tokens, sampling=_sampling(args),
+                         batch_size=args.batch_size)
+    prompts = load_prompts(args.prompts) if args.prompts else list(BUILTIN_PROMPTS)
+    prompts = select_prompts(prompts, _split(args.categories), args.limit)
+
+    configure_threads()
+    target = load_target(args.model, args.weights)
+    if names is None:
+        names = ["plain", "ngram"]
+        if default_spec(target, args.drafter)[0] == "mtp":
+            names.append("mtp")
+    prompt_ids = [prompt_token_ids(p, target.tokenizer) for p in prompts]
+    methods = build_methods(names, draft_ks, target, _proposer_request(args), args.max_len)
+    print(f"mtpspec: bench: {len(prompts)} prompts x {len(methods)} methods "
+          f"({', '.join(m.name for m in methods)}); model loaded in {target.load_s:.1f} s",
+          file=sys.stderr)
+    bench = run_bench(methods, prompts, prompt_ids, config,
+                      log=lambda message: print(f"mtpspec: bench: {message}", file=sys.stderr))
+    doc = report.summarize(bench, model=target.name, weights=target.weight_format,
+                           source=str(args.prompts) if args.prompts else "builtin",
+                           draft_ks=draft_ks)
+    print(report.format_table(doc))
+    if args.json is not None:
+        try:
+            args.json.write_text(json.dumps(doc, indent=1, ensure_ascii=False) + "\n")
+        except OSError as err:
+            raise UsageError(f"cannot write {args.json}: {err.strerror}") from None
+    if args.plot is not None:
+        note = report.plot(doc, str(args.plot))
+        if note:
+            _note(note)
+    print(json.dumps(doc, ensure_ascii=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

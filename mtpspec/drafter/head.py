@@ -1,0 +1,223 @@
+"""The MTP drafter: a small recurrent head on a frozen target (after Gemma 4's assistant drafters).
+
+One application of the head (a "draft step"):
+
+    x  = pre_projection(concat(embed(token) * sqrt(d_target), h))      # [B, d_draft]
+    x  = draft layers: query-only attention over the TARGET's KV cache, then an MLP
+    h' = out_norm(post_projection(norm(x)))                             # [B, d_target]
+    logits = target's tied LM head (full, clustered, or a fixed frequent subset) of h'
+
+Step 0 uses the target's final hidden state at the last accepted position; step i > 0 feeds the
+head's own h' back (one head applied k times). The head owns no KV cache and runs no prefill: each
+draft layer reads the K/V that one target layer already wrote (``target_layers``), and never writes
+them. By default draft layer j reads the last target layer of its attention type (sliding-window or
+global), as Gemma 4 does: those layers hold the most processed keys, and a sliding draft layer only
+needs the recent window. The drafted tokens are not in the cache, so every draft step attends to
+the committed slots ``< p`` only; ``constant_positions`` keeps the query's rotary position at p.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mtpspec.config import ModelConfig
+from mtpspec.models.gemma3 import apply_rotary, rms_norm, rotary_tables
+
+HEAD_KINDS = ("clustered", "full", "frequency")
+
+
+@dataclass(frozen=True)
+class DrafterConfig:
+    target_hidden: int
+    vocab_size: int
+    head_dim: int                      # must equal the target's: draft queries meet target keys
+    target_kv_heads: int
+    target_layers: tuple[int, ...]     # target layer whose K/V draft layer j reads
+    layer_is_global: tuple[bool, ...]  # attention type of each draft layer (that target layer's)
+    d_draft: int = 512
+    num_heads: int = 4
+    intermediate_size: int = 2048
+    sliding_window: int = 512
+    rope_theta_local: float = 10_000.0
+    rope_theta_global: float = 1_000_000.0
+    rope_scaling_factor: float = 1.0
+    query_scale: float = 1 / 16        # the target's query_pre_attn_scalar ** -0.5
+    rms_norm_eps: float = 1e-6
+    constant_positions: bool = True
+    head: str = "clustered"
+    num_clusters: int = 2048
+    top_clusters: int = 32
+    frequency_vocab: int = 16_384
+    target_name: str = ""
+    target_hash: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if len(self.target_layers) != len(self.layer_is_global) or not self.target_layers:
+            raise ValueError("target_layers and layer_is_global must be non-empty and equally long")
+        if self.num_heads % self.target_kv_heads:
+            raise ValueError("num_heads must be a multiple of the target's kv heads")
+        if self.head not in HEAD_KINDS:
+            raise ValueError(f"head must be one of {HEAD_KINDS}, got {self.head!r}")
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.target_layers)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, raw: dict) -> "DrafterConfig":
+        raw = dict(raw)
+        for key in ("target_layers", "layer_is_global"):
+            raw[key] = tuple(raw[key])
+        return cls(**raw)
+
+    @classmethod
+    def for_target(cls, target: ModelConfig, num_layers: int = 2, **overrides) -> "DrafterConfig":
+        """Draft layers alternate sliding/global, each reading the last target layer of its type."""
+        last_global = max(i for i in range(target.num_layers) if target.is_global(i))
+        last_local = max((i for i in range(target.num_layers) if not target.is_global(i)),
+                         default=last_global)
+        kinds = [(last_local, False), (last_global, True)] * num_layers
+        chosen = kinds[:num_layers] if num_layers > 1 else [(last_global, True)]
+        return cls(
+            target_hidden=target.hidden_size, vocab_size=target.vocab_size,
+            head_dim=target.head_dim, target_kv_heads=target.num_kv_heads,
+            target_layers=tuple(layer for layer, _ in chosen),
+            layer_is_global=tuple(is_global for _, is_global in chosen),
+            sliding_window=target.sliding_window, rope_theta_local=target.rope_theta_local,
+            rope_theta_global=target.rope_theta_global,
+            rope_scaling_factor=target.rope_scaling_factor,
+            query_scale=target.query_pre_attn_scalar ** -0.5, rms_norm_eps=target.rms_norm_eps,
+            target_name=target.name, **overrides,
+        )
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(dim))  # Gemma convention: scale = 1 + weight
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, 1.0 + self.weight, self.eps)
+
+
+class DraftLayer(nn.Module):
+    """Query-only attention over one target layer's K/V, then a GeGLU MLP; sandwich norms."""
+
+    def __init__(self, cfg: DrafterConfig, index: int):
+        super().__init__()
+        self.cfg, self.index = cfg, index
+        self.target_layer = cfg.target_layers[index]
+        self.is_global = cfg.layer_is_global[index]
+        d, eps = cfg.d_draft, cfg.rms_norm_eps
+        self.attn_norm, self.post_attn_norm = RMSNorm(d, eps), RMSNorm(d, eps)
+        self.mlp_norm, self.post_mlp_norm = RMSNorm(d, eps), RMSNorm(d, eps)
+        self.q_norm = RMSNorm(cfg.head_dim, eps)
+        self.q_proj = nn.Linear(d, cfg.num_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, d, bias=False)
+        self.gate_up = nn.Linear(d, 2 * cfg.intermediate_size, bias=False)
+        self.down = nn.Linear(cfg.intermediate_size, d, bias=False)
+
+    def forward(self, x: torch.Tensor, rope, keys: torch.Tensor, values: torch.Tensor,
+                mask: torch.Tensor) -> torch.Tensor:
+        # x [B, T, d]; rope cos/sin [B, T, 1, Dh]; keys/values [B, kvh, S, Dh]; mask [B, T, S]
+        cfg = self.cfg
+        batch, steps, _ = x.shape
+        q = self.q_proj(self.attn_norm(x)).view(batch, steps, cfg.num_heads, cfg.head_dim)
+        q = apply_rotary(self.q_norm(q), *rope)
+        group = cfg.num_heads // cfg.target_kv_heads
+        qg = q.permute(0, 2, 1, 3).reshape(batch, cfg.target_kv_heads, group * steps, cfg.head_dim)
+        scores = torch.matmul(qg, keys.transpose(-1, -2)) * cfg.query_scale  # [B, kvh, gT, S]
+        scores = scores.view(batch, cfg.target_kv_heads, group, steps, -1)
+        scores = scores.masked_fill(~mask[:, None, None], float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        # a query with no visible key (position 0) attends to nothing
+        probs = torch.nan_to_num(probs, nan=0.0).view(batch, cfg.target_kv_heads, group * steps, -1)
+        attn = torch.matmul(probs, values).view(batch, cfg.num_heads, steps, cfg.head_dim)
+        attn = attn.transpose(1, 2).reshape(batch, steps, -1)
+        x = x + self.post_attn_norm(self.o_proj(attn))
+        gate, up = self.gate_up(self.mlp_norm(x)).chunk(2, dim=-1)
+        return x + self.post_mlp_norm(self.down(F.gelu(gate, approximate="tanh") * up))
+
+
+class MTPHead(nn.Module):
+    """The recurrent drafter body; the LM head lives in ``DraftLMHead`` (it needs the target)."""
+
+    def __init__(self, cfg: DrafterConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.pre_projection = nn.Linear(2 * cfg.target_hidden, cfg.d_draft, bias=False)
+        self.layers = nn.ModuleList(DraftLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.d_draft, cfg.rms_norm_eps)
+        self.post_projection = nn.Linear(cfg.d_draft, cfg.target_hidden, bias=False)
+        self.out_norm = RMSNorm(cfg.target_hidden, cfg.rms_norm_eps)
+        # clustered LM head: a permutation of the vocabulary into equal clusters, and centroids
+        self.register_buffer("token_ordering", torch.arange(cfg.vocab_size))
+        self.centroids = nn.Parameter(torch.zeros(cfg.num_clusters, cfg.target_hidden))
+        self.register_buffer("frequent_tokens", torch.arange(min(cfg.frequency_vocab,
+                                                                   cfg.vocab_size)))
+        self._rope: dict = {}
+
+    def rope(self, positions: torch.Tensor, is_global: bool):
+        """cos/sin ``[B, T, 1, Dh]`` for query positions ``[B, T]``."""
+        needed = int(positions.max()) + 1
+        cached = self._rope.get(is_global)
+        if cached is None or cached[0].shape[0] < needed or cached[0].device != positions.device:
+            cfg = self.cfg
+            length = max(needed, 2048, 2 * (cached[0].shape[0] if cached else 0))
+            theta = cfg.rope_theta_global if is_global else cfg.rope_theta_local
+            factor = cfg.rope_scaling_factor if is_global else 1.0
+            cos, sin = rotary_tables(theta, cfg.head_dim, length, factor)
+            cached = (cos.to(positions.device), sin.to(positions.device))
+            self._rope[is_global] = cached
+        return cached[0][positions].unsqueeze(2), cached[1][positions].unsqueeze(2)
+
+    def step(self, token_embeds: torch.Tensor, hidden: torch.Tensor, query_positions: torch.Tensor,
+             context_end: torch.Tensor, kv: list[tuple[torch.Tensor, torch.Tensor]],
+             key_start: int = 0) -> torch.Tensor:
+        """One draft step for queries ``[B, T]``.
+
+        token_embeds [B, T, d_t] (already scaled by sqrt(d_t)); hidden [B, T, d_t];
+        query_positions [B, T] (rotary positions); context_end [B, T]: each query sees key slots
+        ``key_start <= s < context_end`` (within the window on sliding layers);
+        kv: per draft layer (keys, values) ``[B, kvh, S, Dh]`` covering slots key_start.. .
+        Returns the head's output state h' [B, T, d_t].
+        """
+        x = self.pre_projection(torch.cat([token_embeds, hidden], dim=-1))
+        slots = torch.arange(key_start, key_start + kv[0][0].shape[2], device=x.device)  # [S]
+        end = context_end.unsqueeze(-1)  # [B, T, 1]
+        causal = slots < end
+        windowed = causal & (slots > end - self.cfg.sliding_window)  # the target's window at p
+        for layer, (keys, values) in zip(self.layers, kv):
+            mask = causal if layer.is_global else windowed
+            x = layer(x, self.rope(query_positions, layer.is_global), keys, values, mask)
+        return self.out_norm(self.post_projection(self.norm(x)))
+
+    def init_from_kmeans(self, ordering: torch.Tensor, centroids: torch.Tensor,
+                         frequent: torch.Tensor | None = None) -> None:
+        with torch.no_grad():
+            self.token_ordering.copy_(ordering)
+            self.centroids.copy_(centroids)
+            if frequent is not None:
+                self.frequent_tokens = frequent.clone()
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def init_weights(head: MTPHead, seed: int = 0) -> None:
+    """Small normal init for projections (norms start at scale 1)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in head.modules():
+            if isinstance(module, nn.Linear):
+                std = 1.0 / math.sqrt(module.in_features)
+                module.weight.copy_(torch.randn(module.weight.shape, generator=gen) * std)

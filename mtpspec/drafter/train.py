@@ -1,0 +1,280 @@
+"""Retrofitting an MTP head onto a frozen target: K-step recurrent training, evaluation, checkpoints.
+
+For a batch of target-generated sequences x [B, T], the frozen target runs once (no grad) and gives
+its final hidden states h, its KV cache, and its next-token distributions. A training example is a
+position P (the engine's "pending token" position): the head starts from (x_P, h_{P-1}), attends
+to cache slots < P, and at unroll step i must predict the target's distribution at P+i, taking
+x_{P+i} as input token (teacher forcing on tokens is exact for greedy decoding: a draft token
+only matters after all earlier ones were accepted) and its own previous output as state. All P
+are trained at once: the attention masks are shifted causal masks. Loss: cross-entropy against
+the target's top-k probabilities (soft targets), weighted ``decay ** i``; the cluster centroids
+learn, on detached states, to put the target's probability mass in the top clusters.
+
+The target never changes: its weights get no gradient and the trainer checks a hash of them
+before saving each checkpoint.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+
+from mtpspec.drafter.checkpoint import save_drafter
+from mtpspec.drafter.head import MTPHead
+from mtpspec.models.gemma3 import Gemma3Model
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 8          # sequences per step
+    seq_len: int = 384
+    unroll: int = 4              # K recurrent steps
+    decay: float = 0.8           # weight of unroll step i: decay ** i
+    top_k: int = 32              # soft-target tokens per position
+    lr: float = 1e-3
+    warmup: int = 50
+    weight_decay: float = 0.0
+    loss_chunk: int = 2048       # positions per chunk of the full-vocabulary loss
+    seed: int = 0
+    eval_every: int = 200
+    save_every: int = 200
+    device: str = "cpu"
+    autocast_bf16: bool = False
+    max_seconds: float | None = None  # stop (and save) after this much training time
+
+
+def target_fingerprint(model: Gemma3Model) -> str:
+    """A hash of every target tensor, to prove training left the target untouched."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.named_buffers()) + sorted(model.named_parameters()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+                      if tensor.dtype != torch.bfloat16 else tensor.float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def pad_batch(seqs: list[list[int]], length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad / truncate to [B, T]; returns (ids, valid mask)."""
+    ids = torch.zeros(len(seqs), length, dtype=torch.long)
+    valid = torch.zeros(len(seqs), length, dtype=torch.bool)
+    for b, seq in enumerate(seqs):
+        seq = seq[:length]
+        ids[b, :len(seq)] = torch.tensor(seq)
+        valid[b, :len(seq)] = True
+    return ids.to(device), valid.to(device)
+
+
+@torch.no_grad()
+def target_pass(target: Gemma3Model, ids: torch.Tensor, top_k: int):
+    """Frozen target over [B, T]: hidden [B, T, d], cache, top-k probs/ids of each position."""
+    batch, length = ids.shape
+    cache = target.new_cache(batch, length)
+    positions = torch.arange(length, device=ids.device).expand(batch, -1)
+    _, hidden = target.forward_hidden(ids, positions, cache, num_logits=0)
+    probs, tops = [], []
+    for start in range(0, length, 64):
+        logits = target.lm_head(hidden[:, start:start + 64]).float()  # [B, t, V]
+        p, i = logits.softmax(-1).topk(top_k, dim=-1)
+        probs.append(p / p.sum(-1, keepdim=True))
+        tops.append(i)
+    return hidden, cache, torch.cat(probs, 1), torch.cat(tops, 1)
+
+
+def unroll(head: MTPHead, target: Gemma3Model, ids, hidden, cache, steps: int):
+    """Run the head ``steps`` times for every P in 1..T-1; yields (i, state h' [B, T-1, d])."""
+    batch, length = ids.shape
+    cfg = head.cfg
+    positions = torch.arange(1, length, device=ids.device).expand(batch, -1)  # P
+    kv = [(cache.k[layer, :batch], cache.v[layer, :batch]) for layer in cfg.target_layers]
+    state = hidden[:, :-1]  # h_{P-1}
+    for i in range(steps):
+        token_pos = (positions + i).clamp(max=length - 1)
+        embeds = target.embed_tokens(ids.gather(1, token_pos))  # x_{P+i}
+        query = positions if cfg.constant_positions else positions + i
+        state = head.step(embeds, state, query, positions, kv)
+        yield i, state
+
+
+def soft_ce(state, emb, probs, tops, weight, chunk: int):
+    """Sum over rows of -sum_j p_j log q_j with q = softmax(full LM head of state); chunked."""
+    flat_state = state.reshape(-1, state.shape[-1])
+    flat_p, flat_i = probs.reshape(-1, probs.shape[-1]), tops.reshape(-1, tops.shape[-1])
+    flat_w = weight.reshape(-1)
+    total = flat_state.new_zeros(())
+    keep = torch.nonzero(flat_w > 0).flatten()
+    for start in range(0, len(keep), chunk):
+        rows = keep[start:start + chunk]
+
+        def piece(s, p=flat_p[rows], i=flat_i[rows], w=flat_w[rows]):
+            logq = F.log_softmax((s.to(emb.dtype) @ emb.T).float(), dim=-1)
+            return -(w * (p * logq.gather(1, i)).sum(-1)).sum()
+
+        total = total + torch.utils.checkpoint.checkpoint(piece, flat_state[rows],
+                                                          use_reentrant=False)
+    return total
+
+
+def cluster_ce(state, head: MTPHead, probs, tops, weight):
+    """Centroids learn to rank the clusters holding the target's mass (states detached)."""
+    cfg = head.cfg
+    size = cfg.vocab_size // cfg.num_clusters
+    inverse = torch.empty_like(head.token_ordering)
+    inverse[head.token_ordering] = torch.arange(cfg.vocab_size, device=inverse.device)
+    cluster_of = inverse[tops] // size  # [B, T, k]
+    mass = torch.zeros(*probs.shape[:-1], cfg.num_clusters, device=probs.device)
+    mass.scatter_add_(-1, cluster_of, probs)
+    logits = state.detach().float() @ head.centroids.T  # [B, T, C]
+    ce = -(mass * F.log_softmax(logits, -1)).sum(-1)
+    return (ce * weight).sum()
+
+
+@torch.no_grad()
+def evaluate(head: MTPHead, target: Gemma3Model, sequences: list[list[int]], max_k: int = 6,
+             seq_len: int = 384, device="cpu", head_kind: str | None = None) -> dict:
+    """Greedy acceptance on held-out target-greedy sequences, with the head kind used at run time.
+
+    For every P in the response, draft token i is accepted if it equals the target's argmax at P+i
+    and all earlier drafts were accepted: exactly what greedy verification does. Returns tau for
+    k = 1..max_k and per-position acceptance rates.
+    """
+    from mtpspec.proposers.mtp import DraftHeadLogits
+
+    logits_of = DraftHeadLogits(head, target, head_kind)
+    matched_len = []
+    for seq in sequences:
+        ids, _ = pad_batch([seq], min(len(seq), seq_len), device)
+        hidden, cache, _, tops = target_pass(target, ids, 1)
+        greedy = tops[0, :, 0]  # target argmax at each position
+        length = ids.shape[1]
+        ok = torch.ones(length - 1, dtype=torch.bool, device=ids.device)
+        run = torch.zeros(length - 1, dtype=torch.long, device=ids.device)
+        for i, state in unroll(head, target, ids, hidden, cache, max_k):
+            h = state[0]  # [T-1, d]
+            draft = []
+            for start in range(0, h.shape[0], 64):
+                logits, idx = logits_of(h[start:start + 64])
+                best = logits.argmax(-1)
+                draft.append(best if idx is None else idx.gather(1, best[:, None]).squeeze(1))
+            draft = torch.cat(draft)
+            target_pos = torch.arange(1, length, device=ids.device) + i
+            valid = target_pos < length
+            want = greedy[target_pos.clamp(max=length - 1)]
+            ok &= (draft == want) & valid
+            run += ok.long()
+        # only P whose whole max_k window is inside the sequence counts
+        matched_len.append(run[: max(0, length - 1 - max_k)].cpu())
+    runs = torch.cat(matched_len).float()
+    tau = {k: float(1 + runs.clamp(max=k).mean()) for k in range(1, max_k + 1)}
+    per_pos = [float((runs > i).float().mean() / max((runs >= i).float().mean(), 1e-9))
+               for i in range(max_k)]
+    return {"tau": tau, "acceptance_per_position": per_pos, "positions": len(runs)}
+
+
+def train(head: MTPHead, target: Gemma3Model, sequences: list[list[int]], config: TrainConfig,
+          out: Path, eval_sequences: list[list[int]] | None = None, log=print,
+          extra_meta: dict | None = None, state_dir: Path | None = None) -> dict:
+    """Train ``head`` on ``sequences`` (token ids), saving checkpoints in ``out``; resumable."""
+    device = torch.device(config.device)
+    torch.manual_seed(config.seed)
+    head.to(device).train()
+    for parameter in target.parameters():
+        parameter.requires_grad_(False)
+    fingerprint = target_fingerprint(target)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr,
+                                  weight_decay=config.weight_decay, betas=(0.9, 0.95))
+    state_path = (state_dir or out) / "train_state.pt"
+    step, history = 0, []
+    if state_path.exists():
+        saved = torch.load(state_path, map_location=device, weights_only=False)
+        head.load_state_dict(saved["head"])
+        optimizer.load_state_dict(saved["optimizer"])
+        step, history = saved["step"], saved["history"]
+        log(f"resumed from step {step}")
+    order = torch.Generator().manual_seed(config.seed)
+    perm = torch.randperm(len(sequences), generator=order).tolist()
+    cursor = (step * config.batch_size) % max(1, len(perm))
+    weights = torch.tensor([config.decay ** i for i in range(config.unroll)])
+    started, running, running_acc = time.time(), None, None
+    emb = target.embed.dequantized()  # [V, d] the frozen tied head
+    if config.autocast_bf16:
+        emb = emb.to(torch.bfloat16)
+    while step < config.steps:
+        if config.max_seconds is not None and time.time() - started > config.max_seconds:
+            config = replace(config, steps=step)  # out of time: save this step as the last
+            if step % config.save_every:
+                _save(head, optimizer, target, fingerprint, config, history, out, step,
+                      extra_meta, state_path)
+            break
+        batch = [sequences[perm[(cursor + j) % len(perm)]] for j in range(config.batch_size)]
+        cursor = (cursor + config.batch_size) % len(perm)
+        ids, valid = pad_batch(batch, min(config.seq_len, max(len(s) for s in batch)), device)
+        hidden, cache, probs, tops = target_pass(target, ids, config.top_k)
+        progress = step / max(1, config.steps)
+        if config.max_seconds:
+            progress = max(progress, (time.time() - started) / config.max_seconds)
+        lr = config.lr * min(1.0, (step + 1) / config.warmup) * 0.5 * (
+            1 + math.cos(math.pi * min(1.0, progress)))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss, count, agree = 0.0, 0, []
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.autocast_bf16):
+            for i, state in unroll(head, target, ids, hidden, cache, config.unroll):
+                where = torch.arange(1, ids.shape[1], device=device) + i  # target position P+i
+                ok = valid[:, 1:] & (where < ids.shape[1]) & valid.gather(
+                    1, where.clamp(max=ids.shape[1] - 1).expand(ids.shape[0], -1))
+                w = ok.float() * float(weights[i])
+                at = where.clamp(max=ids.shape[1] - 1)
+                p = probs[:, at]  # [B, T-1, k]
+                t = tops[:, at]
+                loss = loss + soft_ce(state, emb, p, t, w, config.loss_chunk)
+                loss = loss + 0.1 * cluster_ce(state, head, p, t, w)
+                count += int(ok.sum())
+                if i == 0:  # running acceptance estimate: top-1 agreement among the target's top-k
+                    with torch.no_grad():
+                        cand = target.embed.dequantized()[t[:, :64]]  # [B, <=64, k, d]
+                        pick = torch.einsum("btkd,btd->btk", cand.float(),
+                                            state[:, :64].float()).argmax(-1)
+                        sub = ok[:, :64]
+                        agree.append(float(((pick == 0) & sub).sum()) / max(1, int(sub.sum())))
+        loss = loss / max(1, count)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
+        optimizer.step()
+        step += 1
+        value = float(loss.detach())
+        running = value if running is None else 0.95 * running + 0.05 * value
+        accept = agree[0] if running_acc is None else 0.95 * running_acc + 0.05 * agree[0]
+        running_acc = accept
+        if step % 10 == 0 or step == config.steps:
+            rate = step / max(1e-9, time.time() - started)
+            log(f"step {step}/{config.steps} loss {running:.4f} accept@1~{accept:.3f} "
+                f"lr {lr:.2e} {rate:.2f} it/s")
+        if eval_sequences and (step % config.eval_every == 0 or step == config.steps):
+            head.eval()
+            result = evaluate(head, target, eval_sequences, device=device)
+            head.train()
+            history.append({"step": step, "loss": running, **result})
+            log(f"eval step {step}: tau@k {json.dumps({k: round(v, 3) for k, v in result['tau'].items()})}"
+                f" per-position {[round(x, 3) for x in result['acceptance_per_position']]}")
+        if step % config.save_every == 0 or step == config.steps:
+            _save(head, optimizer, target, fingerprint, config, history, out, step, extra_meta,
+                  state_path)
+    return {"steps": step, "history": history, "seconds": time.time() - started}
+
+
+def _save(head, optimizer, target, fingerprint, config, history, out, step, extra_meta,
+          state_path) -> None:
+    if target_fingerprint(target) != fingerprint:
+        raise RuntimeError("the target's weights changed during training")
+    save_drafter(head, out, {"train": asdict(config), "history": history, **(extra_meta or {})})
+    torch.save({"head": head.state_dict(), "optimizer": optimizer.state_dict(),
+                "step": step, "history": history}, state_path)

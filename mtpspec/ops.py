@@ -1,0 +1,430 @@
+"""Weight-only packed linear layers for small M (the decode and verification hot path).
+
+What: ``PackedLinear`` stores a ``[out, in]`` weight in one of ``FORMATS`` and multiplies float32
+activations ``x [..., in]`` by it with float32 accumulation, for M = rows of x in 1..16 (any M works).
+``dequantized()`` / ``rows(idx)`` give the float32 weight the layer really multiplies by.
+
+Why: at M = 1..9 a linear layer should cost one read of its weight (bytes / ~19.5 GB/s). The stock
+kernels on this machine (Zen 3, AVX2+FMA, 2 vCPUs, torch 2.13 CPU) are far from that, so the layer
+runs its own AVX2 kernel, built once with ``torch.utils.cpp_extension.load_inline`` (~35 s, cached
+under ~/.cache/torch_extensions; needs g++ and ninja). Without a compiler it falls back to
+``F.linear`` on the dequantized weight: correct, slow.
+
+Measured (bench/kernels.py; medians, rotating >96 MB of weight copies so L3 cannot hold them):
+- ``F.linear`` / ``x @ Wt`` / ``torch.mm`` (MKL SGEMM for every M, incl. M=1): at the floor for
+  M=1 only; 2-3x over it at M=2..16 on 1 thread (640->4096: M=1 0.45-0.7 ms, M=8 1.4-1.6 ms vs
+  floor 0.54). ``torch.ops.aten._weight_int8pack_mm`` and ``_weight_int4pack_mm_for_cpu`` are
+  scalar on AVX2-only CPUs: 640->4096 M=1 takes 2.5 / 5.1 ms (18-38x their floor), and grow
+  linearly with M. ``F.linear`` on bf16 weights (oneDNN, no native bf16 here) ~ fp32 at M=1 and
+  4x worse per row after. So none of them is used.
+- The "16 ms at M=2..8 with 2 threads" pathology: all these shapes go to MKL SGEMM(T,N); for M>=2
+  it splits the work over the 2 OpenMP threads with a static partition and a closing barrier. When
+  another process holds the second vCPU (other workers share this box), the barrier waits for the
+  scheduler to run the preempted OMP thread: whole scheduler ticks, so 12/16/24/32 ms. M=1 takes
+  MKL's single-threaded gemv path and never sees it. ``torch.backends.mkldnn`` does not matter (fp32
+  linear never goes to oneDNN). Fix at run time, no env vars: ``torch.set_num_threads(1)`` (works
+  after import; same numbers as OMP_NUM_THREADS=1), or this module's kernels, whose pool never
+  waits for a helper thread that has not started a chunk (see ``set_num_threads``).
+- This kernel: weight packed in panels of 16 output channels, k-major (``[P, K, 16]``), streamed
+  once; each panel is multiplied against blocks of up to 6 rows held in 8-12 AVX2
+  accumulators, dequantizing in registers (bf16: shift; int8: sign-extend + convert, per-channel
+  scale at the end; int4: nibble unpack + one FMA with the group's fp16 scale/offset). fp32 runs
+  at the bandwidth floor for M=1..4 on one core and is 1.7-2x faster than MKL at M=8..16. The
+  quantized formats reach 0.4-0.6 of their (much lower) floor at M=1 and are compute-bound from
+  M=4 (one core does ~60-70 GFLOP/s): see the table in the report / bench output.
+- LM head 640->262144, 1 kernel thread, box under load from other workers (medians, ms; floor in
+  brackets): M=1 fp32 49 [34], bf16 29 [17], int8 25 [8.6], int4 26 [5.4]; M=4 54 / 36 / 25 / 28;
+  M=8 71 / 49 / 44 / 55; F.linear fp32: 54 / 172 / 146. int8 is the fastest at M>=2 (int4's
+  unpacking costs more than its smaller read once compute-bound); int4 is for memory.
+- Threads: default 1. With ``set_num_threads(2)`` the helper gains up to ~1.5x on the head when the
+  second vCPU is free and never falls into the 16 ms trap, but a spinning helper competes with the
+  caller when other processes hold the other vCPU; measure on the target box before switching.
+
+Formats: fp32; bf16 (round-to-nearest-even); int8 symmetric per output channel (fp32 scales);
+int4 asymmetric per group of ``group_size`` inputs along K (fp16 scale + fp16 offset, 5 bits/weight
+at group 32), which represents a GGUF Q4_K sub-block's affine grid up to fp16 rounding.
+
+Must not: hold an unpacked copy of the weight, or need autograd (inference only).
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+FORMATS = ("fp32", "bf16", "int8", "int4")
+
+_CPP = r"""
+#include <torch/extension.h>
+#include <immintrin.h>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+// Packed weight: panels of 16 output channels, k-major inside a panel.
+//   fp32 [P, K, 16] float | bf16 [P, K, 16] uint16 | int8 [P, K, 16] int8 (+ scale [P*16] float)
+//   int4 [P, K, 8] bytes, byte j = q(ch j) | q(ch j+8) << 4 (+ [P, K/G, 2, 16] fp16: scale, offset)
+enum { F32 = 0, BF16 = 1, I8 = 2, I4 = 3 };
+
+struct Job {
+  const float* x; int64_t M, K, N;
+  const uint8_t* w; const void* s; int64_t G;
+  float* y; int fmt; int64_t panels_per_chunk, npanels;
+};
+
+template <int FMT>
+static inline void load_w(const uint8_t* w, int64_t k, __m256& w0, __m256& w1, const float* sb) {
+  if constexpr (FMT == F32) {
+    const float* p = reinterpret_cast<const float*>(w) + k * 16;
+    w0 = _mm256_loadu_ps(p); w1 = _mm256_loadu_ps(p + 8);
+  } else if constexpr (FMT == BF16) {
+    const uint16_t* p = reinterpret_cast<const uint16_t*>(w) + k * 16;
+    // bf16 -> fp32: zero-extend to 32 bits, shift into the high half
+    w0 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+    w1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8))), 16));
+  } else if constexpr (FMT == I8) {
+    const __m128i* a = reinterpret_cast<const __m128i*>(w + k * 16);
+    w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(a)));
+    w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + k * 16 + 8))));
+  } else {
+    __m256i e = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + k * 8)));
+    __m256i lo = _mm256_and_si256(e, _mm256_set1_epi32(15));
+    __m256i hi = _mm256_srli_epi32(e, 4);
+    // scale/offset come from an L1 buffer as memory operands: no registers taken from the rows
+    w0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), _mm256_load_ps(sb), _mm256_load_ps(sb + 16));
+    w1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), _mm256_load_ps(sb + 8), _mm256_load_ps(sb + 24));
+  }
+}
+
+// y[r, 0:16] = sum_k x[r, k] * W[panel][k, 0:16] for r < MR, with KU independent k-streams.
+template <int FMT, int MR, int KU>
+static void micro(const Job& j, int64_t p, int64_t r0, float* out /*[MR,16]*/) {
+  const int64_t K = j.K;
+  const uint8_t* w = j.w;
+  const float* x = j.x + r0 * K;
+  const int64_t esize = FMT == F32 ? 64 : FMT == BF16 ? 32 : FMT == I8 ? 16 : 8;
+  w += p * K * esize;
+  __m256 acc[KU][MR][2];
+  for (int u = 0; u < KU; ++u)
+    for (int r = 0; r < MR; ++r) acc[u][r][0] = acc[u][r][1] = _mm256_setzero_ps();
+  const int64_t G = FMT == I4 ? j.G : K;
+  const int64_t ng = (K + G - 1) / G;
+  const uint16_t* sp = FMT == I4 ? reinterpret_cast<const uint16_t*>(j.s) + p * ng * 32 : nullptr;
+  for (int64_t g = 0; g < ng; ++g) {
+    alignas(32) float sb[32];  // int4: this group's scales (16) then offsets (16), as fp32
+    if constexpr (FMT == I4) {
+      const __m128i* q = reinterpret_cast<const __m128i*>(sp + g * 32);
+      for (int i = 0; i < 4; ++i) _mm256_store_ps(sb + 8 * i, _mm256_cvtph_ps(_mm_loadu_si128(q + i)));
+    }
+    const int64_t k0 = g * G, k1 = std::min(K, k0 + G);
+    int64_t k = k0;
+    for (; k + KU <= k1; k += KU) {
+      for (int u = 0; u < KU; ++u) {
+        __m256 w0, w1;
+        load_w<FMT>(w, k + u, w0, w1, sb);
+        for (int r = 0; r < MR; ++r) {
+          __m256 xb = _mm256_broadcast_ss(x + r * K + k + u);
+          acc[u][r][0] = _mm256_fmadd_ps(xb, w0, acc[u][r][0]);
+          acc[u][r][1] = _mm256_fmadd_ps(xb, w1, acc[u][r][1]);
+        }
+      }
+    }
+    for (; k < k1; ++k) {
+      __m256 w0, w1;
+      load_w<FMT>(w, k, w0, w1, sb);
+      for (int r = 0; r < MR; ++r) {
+        __m256 xb = _mm256_broadcast_ss(x + r * K + k);
+        acc[0][r][0] = _mm256_fmadd_ps(xb, w0, acc[0][r][0]);
+        acc[0][r][1] = _mm256_fmadd_ps(xb, w1, acc[0][r][1]);
+      }
+    }
+  }
+  __m256 sc0 = _mm256_set1_ps(1.f), sc1 = sc0;
+  if constexpr (FMT == I8) {
+    const float* sc = reinterpret_cast<const float*>(j.s) + p * 16;
+    sc0 = _mm256_loadu_ps(sc); sc1 = _mm256_loadu_ps(sc + 8);
+  }
+  for (int r = 0; r < MR; ++r) {
+    __m256 a0 = acc[0][r][0], a1 = acc[0][r][1];
+    for (int u = 1; u < KU; ++u) { a0 = _mm256_add_ps(a0, acc[u][r][0]); a1 = _mm256_add_ps(a1, acc[u][r][1]); }
+    if constexpr (FMT == I8) { a0 = _mm256_mul_ps(a0, sc0); a1 = _mm256_mul_ps(a1, sc1); }
+    _mm256_storeu_ps(out + r * 16, a0); _mm256_storeu_ps(out + r * 16 + 8, a1);
+  }
+}
+
+template <int FMT>
+static void block(const Job& j, int64_t p, int64_t r0, int rows, float* out) {
+  switch (rows) {  // 8-12 accumulators; k-unrolled streams hide FMA latency for few rows
+    case 1: micro<FMT, 1, 4>(j, p, r0, out); break;
+    case 2: micro<FMT, 2, 2>(j, p, r0, out); break;
+    case 3: micro<FMT, 3, 2>(j, p, r0, out); break;
+    case 4: micro<FMT, 4, 1>(j, p, r0, out); break;
+    case 5: micro<FMT, 5, 1>(j, p, r0, out); break;
+    default: micro<FMT, 6, 1>(j, p, r0, out); break;
+  }
+}
+
+template <int FMT>
+static void run_chunk(const Job& j, int64_t c) {
+  const int max_rows = 6;
+  const int64_t nblocks = (j.M + max_rows - 1) / max_rows;
+  const int64_t p0 = c * j.panels_per_chunk, p1 = std::min(j.npanels, p0 + j.panels_per_chunk);
+  alignas(32) float out[6 * 16];
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t n0 = p * 16, nv = std::min<int64_t>(16, j.N - n0);
+    int64_t r0 = 0;
+    for (int64_t b = 0; b < nblocks; ++b) {
+      // spread rows evenly over blocks: 8 -> 4+4, 9 -> 5+4, 16 -> 6+5+5
+      const int rows = (int)((j.M - r0) / (nblocks - b) + ((j.M - r0) % (nblocks - b) ? 1 : 0));
+      block<FMT>(j, p, r0, rows, out);
+      for (int r = 0; r < rows; ++r)
+        std::memcpy(j.y + (r0 + r) * j.N + n0, out + r * 16, nv * sizeof(float));
+      r0 += rows;
+    }
+  }
+}
+
+static void run_chunk_any(const Job& j, int64_t c) {
+  switch (j.fmt) {
+    case F32: run_chunk<F32>(j, c); break;
+    case BF16: run_chunk<BF16>(j, c); break;
+    case I8: run_chunk<I8>(j, c); break;
+    default: run_chunk<I4>(j, c); break;
+  }
+}
+
+// ---- a tiny pool: helpers claim chunks from a shared ticket; the caller never waits for a helper
+// that has not started a chunk, so a helper descheduled by another process costs nothing.
+namespace pool {
+constexpr uint64_t kMask = (1ull << 20) - 1;
+static Job job;
+static std::atomic<uint64_t> ticket{0};  // gen << 40 | n << 20 | next
+static std::atomic<int64_t> done{0};
+// leaked on purpose: detached helpers may still wait on them during static destruction at exit
+static std::mutex& mu = *new std::mutex;
+static std::mutex& call_mu = *new std::mutex;
+static std::condition_variable& cv = *new std::condition_variable;
+static int64_t nhelpers_started = 0;
+static std::atomic<bool> stop{false};
+static std::atomic<int64_t> spin_us{200};
+static uint64_t gen = 0;
+
+static bool try_one() {
+  uint64_t t = ticket.load(std::memory_order_acquire);
+  const uint64_t n = (t >> 20) & kMask, i = t & kMask;
+  if (i >= n) return false;
+  if (!ticket.compare_exchange_weak(t, t + 1, std::memory_order_acq_rel)) return true;
+  run_chunk_any(job, (int64_t)i);
+  done.fetch_add(1, std::memory_order_release);
+  return true;
+}
+
+static void helper_loop() {
+  using clk = std::chrono::steady_clock;
+  auto idle_since = clk::now();
+  int polls = 0;
+  while (!stop.load(std::memory_order_relaxed)) {
+    if (try_one()) { idle_since = clk::now(); continue; }
+    _mm_pause();
+    if (++polls < 256) continue;
+    polls = 0;
+    if (clk::now() - idle_since < std::chrono::microseconds(spin_us.load(std::memory_order_relaxed))) continue;
+    uint64_t seen = ticket.load(std::memory_order_acquire);
+    std::unique_lock<std::mutex> lk(mu);
+    cv.wait(lk, [&] {
+      uint64_t t = ticket.load(std::memory_order_acquire);
+      return stop.load() || (t != seen && (t & kMask) < ((t >> 20) & kMask));
+    });
+    idle_since = clk::now();
+  }
+}
+
+static void ensure(int64_t nhelpers) {
+  for (; nhelpers_started < nhelpers; ++nhelpers_started) std::thread(helper_loop).detach();
+}
+
+static void run(const Job& j, int64_t nchunks, int64_t threads) {
+  if (threads <= 1 || nchunks <= 1) {
+    for (int64_t c = 0; c < nchunks; ++c) run_chunk_any(j, c);
+    return;
+  }
+  std::lock_guard<std::mutex> call_lk(call_mu);
+  ensure(threads - 1);
+  job = j;
+  done.store(0, std::memory_order_relaxed);
+  gen = (gen + 1) & ((1ull << 24) - 1);
+  ticket.store(gen << 40 | (uint64_t)nchunks << 20, std::memory_order_release);
+  { std::lock_guard<std::mutex> lk(mu); }
+  cv.notify_all();
+  while (try_one()) {}
+  while (done.load(std::memory_order_acquire) < nchunks) _mm_pause();
+}
+}  // namespace pool
+
+torch::Tensor packed_linear(torch::Tensor x, torch::Tensor w, torch::Tensor s, int64_t fmt,
+                            int64_t N, int64_t G, int64_t threads, int64_t chunk_bytes) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous());
+  const int64_t M = x.size(0), K = x.size(1);
+  auto y = torch::empty({M, N}, x.options());
+  if (M == 0) return y;
+  const int64_t npanels = (N + 15) / 16;
+  const int64_t esize = fmt == F32 ? 64 : fmt == BF16 ? 32 : fmt == I8 ? 16 : 8;
+  const int64_t panel_bytes = K * esize;
+  int64_t ppc = std::max<int64_t>(1, chunk_bytes / panel_bytes);
+  int64_t nchunks = (npanels + ppc - 1) / ppc;
+  if (nchunks > (int64_t)pool::kMask) { ppc = (npanels + pool::kMask - 1) / pool::kMask; nchunks = (npanels + ppc - 1) / ppc; }
+  Job j{x.data_ptr<float>(), M, K, N, (const uint8_t*)w.data_ptr(), s.numel() ? s.data_ptr() : nullptr, G,
+        y.data_ptr<float>(), (int)fmt, ppc, npanels};
+  pool::run(j, nchunks, threads);
+  return y;
+}
+
+void set_spin_us(int64_t us) { pool::spin_us.store(us); }
+"""
+
+
+def set_num_threads(n: int) -> None:
+    """Threads the packed kernels use (default 1). n > 1 starts n-1 helper threads that claim
+    chunks of output panels; the caller never waits for a helper that has not started one, so a
+    helper starved by another process costs at most the chunk it holds (~64 KB of weight)."""
+    global _THREADS
+    _THREADS = max(1, int(n))
+
+
+def set_spin_us(us: int) -> None:
+    """How long idle helper threads spin before sleeping (default 200 us)."""
+    ext = _extension()
+    if ext is not None:
+        ext.set_spin_us(int(us))
+
+
+_THREADS = 1
+_CHUNK_BYTES = 64 * 1024  # weight bytes per work item handed to a thread
+_FMT_CODE = {"fp32": 0, "bf16": 1, "int8": 2, "int4": 3}
+_PANEL = 16  # output channels per packed panel
+
+
+@functools.lru_cache(maxsize=None)
+def _extension():
+    """Build (or load the cached build of) the AVX2 kernels; None if that is not possible."""
+    try:
+        from torch.utils.cpp_extension import load_inline
+
+        return load_inline(
+            name="mtpspec_ops_v2",
+            cpp_sources=[_CPP],
+            functions=["packed_linear", "set_spin_us"],
+            extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-std=c++17"],
+        )
+    except (RuntimeError, OSError, ImportError) as err:  # no compiler / ninja / AVX2 toolchain
+        warnings.warn(f"mtpspec.ops: AVX2 kernels unavailable ({err}); using F.linear fallback")
+        return None
+
+
+def kernels_available() -> bool:
+    return _extension() is not None
+
+
+def _to_panels(t: Tensor) -> Tensor:
+    """[P*16, K] -> [P, K, 16]: one panel of 16 output channels, k-major."""
+    n, k = t.shape
+    return t.reshape(n // _PANEL, _PANEL, k).transpose(1, 2).contiguous()
+
+
+class PackedLinear(nn.Module):
+    """y = x @ W.T for float32 x, with W stored packed in ``fmt`` (see the module docstring)."""
+
+    def __init__(self, packed: Tensor, scales: Tensor, out_features: int, in_features: int,
+                 fmt: str, group_size: int):
+        super().__init__()
+        self.register_buffer("packed", packed)  # fp32/bf16/int8: [P, K, 16]; int4: [P, K, 8] uint8
+        self.register_buffer("scales", scales)  # int8: [P*16] f32; int4: [P, K/G, 2, 16] f16; else []
+        self.out_features, self.in_features = out_features, in_features
+        self.fmt, self.group_size = fmt, group_size
+
+    @classmethod
+    @torch.no_grad()
+    def from_weight(cls, weight: Tensor, fmt: str, group_size: int = 32) -> "PackedLinear":
+        if fmt not in FORMATS:
+            raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
+        n, k = weight.shape  # [out, in]
+        w = weight.detach().to(torch.float32)
+        npad = -n % _PANEL
+        if npad:
+            w = torch.cat([w, w.new_zeros(npad, k)])  # [P*16, K]
+        empty = torch.empty(0)
+        if fmt == "fp32":
+            return cls(_to_panels(w), empty, n, k, fmt, 0)
+        if fmt == "bf16":
+            return cls(_to_panels(w.to(torch.bfloat16)), empty, n, k, fmt, 0)
+        if fmt == "int8":
+            scale = w.abs().amax(1) / 127.0  # [P*16]
+            scale[scale == 0] = 1.0
+            q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+            return cls(_to_panels(q), scale, n, k, fmt, 0)
+        return cls(*_pack_int4(w, group_size), n, k, fmt, group_size)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.packed, self.scales))
+
+    def forward(self, x: Tensor) -> Tensor:  # [..., in] f32 -> [..., out] f32
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).to(torch.float32).contiguous()  # [M, K]
+        ext = _extension()
+        if ext is None:
+            y = F.linear(x2, self.dequantized())
+        else:
+            y = ext.packed_linear(x2, self.packed, self.scales, _FMT_CODE[self.fmt],
+                                  self.out_features, self.group_size, _THREADS, _CHUNK_BYTES)
+        return y.reshape(*lead, self.out_features)
+
+    @torch.no_grad()
+    def rows(self, idx: Tensor) -> Tensor:  # [L] int -> [L, in] f32, dequantized rows of W
+        idx = idx.to(torch.long).reshape(-1)
+        p, j = idx // _PANEL, idx % _PANEL  # panel and lane of each row
+        if self.fmt == "fp32":
+            return self.packed[p, :, j]
+        if self.fmt == "bf16":
+            return self.packed[p, :, j].to(torch.float32)
+        if self.fmt == "int8":
+            return self.packed[p, :, j].to(torch.float32) * self.scales[idx][:, None]
+        byte = self.packed[p, :, j % 8]  # [L, K] uint8
+        q = torch.where((j < 8)[:, None], byte & 15, byte >> 4).to(torch.float32)
+        g = self.group_size
+        s = self.scales[p, :, 0, j].to(torch.float32).repeat_interleave(g, 1)[:, : self.in_features]
+        b = self.scales[p, :, 1, j].to(torch.float32).repeat_interleave(g, 1)[:, : self.in_features]
+        return q * s + b
+
+    def dequantized(self) -> Tensor:  # [out, in] f32
+        return self.rows(torch.arange(self.out_features))
+
+    def extra_repr(self) -> str:
+        g = f", group_size={self.group_size}" if self.fmt == "int4" else ""
+        return f"{self.in_features} -> {self.out_features}, fmt={self.fmt}{g}"
+
+
+def _pack_int4(w: Tensor, group: int) -> tuple[Tensor, Tensor]:
+    """w [P*16, K] f32 -> (bytes [P, K, 8] uint8, fp16 scale/offset [P, ceil(K/G), 2, 16])."""
+    n, k = w.shape
+    ng = -(-k // group)
+    pad = ng * group - k
+    wg = F.pad(w, (0, pad)).reshape(n, ng, group)  # [N, ng, G]
+    lo, hi = wg.amin(2), wg.amax(2)  # [N, ng]
+    if pad:  # the padded zeros of the last group must not widen its range
+        lo[:, -1], hi[:, -1] = w[:, (ng - 1) * group:].amin(1), w[:, (ng - 1) * group:].amax(1)
+    scale = ((hi - lo) / 15).to(torch.float16)
+    scale[scale == 0] = 1.0
+    offset = lo.to(torch.float16)
+    q = torch.round((wg - offset.float()[..., None]) / scale.float()[..., None]).clamp_(0, 15)
+    q = _to_panels(q.to(torch.uint8).reshape(n, ng * group)[:, :k])  # [P, K, 16]
+    nibbles = (q[..., :8] | (q[..., 8:] << 4)).contiguous()  # lane j: channel j | channel j+8
+    p = n // _PANEL
+    sb = torch.stack([t.reshape(p, _PANEL, ng).transpose(1, 2) for t in (scale, offset)], 2)
+    return nibbles, sb.contiguous()  # [P, K, 8], [P, ng, 2, 16]

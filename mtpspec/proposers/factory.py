@@ -1,0 +1,164 @@
+"""Build a proposer from its name: the one map from ``--spec`` / bench method names to proposers.
+
+The CLI (``generate``, ``bench``) and the server share it, so a name means the same everywhere.
+``mtp`` needs ``mtpspec.drafter``; when that cannot be imported or no drafter ships for the target,
+``default_spec`` falls back to ``ngram`` and says so. This module loads models (a draft model, an
+MTP head) but never runs or verifies anything.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mtpspec.proposers.base import Proposer
+from mtpspec.proposers.draft_model import DraftModelProposer
+from mtpspec.proposers.ngram import NgramProposer
+from mtpspec.runtime import Target, load_target
+
+SPECS = ("mtp", "ngram", "draft-model", "none")
+
+
+class SpecError(ValueError):
+    """A speculative method that cannot be built as asked; the message says why in one line."""
+
+
+@dataclass(frozen=True)
+class ProposerRequest:
+    """What the user asked for, beyond the method name."""
+
+    drafter_path: Path | None = None      # mtp: a drafter checkpoint (None: the one shipped, if any)
+    draft_model_path: Path | None = None  # draft-model: a GGUF file or HF folder
+    weights: str = "fp32"                 # weight format of a separate draft model
+    max_len: int = 4096                   # context of a separate draft model's cache
+
+
+@dataclass
+class BuiltProposer:
+    spec: str                  # the resolved method name
+    proposer: Proposer | None  # None for "none" (plain decoding)
+    note: str | None = None    # a fallback worth telling the user about
+
+
+def mtp_import_error() -> str | None:
+    """Why the MTP proposer cannot be used at all (None when its modules import)."""
+    try:
+        from mtpspec.drafter import load_drafter  # noqa: F401
+        from mtpspec.proposers.mtp import MTPProposer  # noqa: F401
+    except ImportError as err:
+        return f"the MTP drafter modules are unavailable ({err})"
+    return None
+
+
+def shipped_drafter(target: Target) -> Path | None:
+    """The drafter that ships in the package for ``target``'s exact weights, if any."""
+    if mtp_import_error() is not None:
+        return None
+    from mtpspec.drafter import shipped_drafter_for
+
+    return shipped_drafter_for(target.weights_hash)
+
+
+def default_spec(target: Target, drafter_path: Path | None) -> tuple[str, str | None]:
+    """``mtp`` when a drafter is available for the target, else ``ngram`` with a note."""
+    problem = mtp_import_error()
+    if problem is None and (drafter_path is not None or shipped_drafter(target) is not None):
+        return "mtp", None
+    reason = problem or f"no MTP drafter ships for {target.name}"
+    return "ngram", f"{reason}; using n-gram prompt lookup (--spec ngram)"
+
+
+def _none(target: Target, request: ProposerRequest) -> Proposer | None:
+    return None
+
+
+def _ngram(target: Target, request: ProposerRequest) -> Proposer:
+    return NgramProposer()
+
+
+def _draft_model(target: Target, request: ProposerRequest) -> Proposer:
+    if request.draft_model_path is None:
+        raise SpecError("--spec draft-model needs --draft-model PATH (a smaller GGUF file or HF folder)")
+    draft = load_target(request.draft_model_path, request.weights, with_tokenizer=False)
+    if draft.config.vocab_size != target.config.vocab_size:
+        raise SpecError(
+            f"draft model {draft.name} has a vocabulary of {draft.config.vocab_size} tokens; "
+            f"the target's has {target.config.vocab_size}"
+        )
+    return DraftModelProposer(draft.model, max_len=request.max_len)
+
+
+def _mtp(target: Target, request: ProposerRequest) -> Proposer:
+    problem = mtp_import_error()
+    if problem is not None:
+        raise SpecError(f"--spec mtp: {problem}")
+    from mtpspec.drafter import DrafterMismatchError, load_drafter
+    from mtpspec.proposers.mtp import MTPProposer
+
+    path = request.drafter_path or shipped_drafter(target)
+    if path is None:
+        raise SpecError(f"--spec mtp: no drafter ships for {target.name}; pass --drafter PATH")
+    if not Path(path).is_dir():
+        raise SpecError(f"--drafter: no drafter folder at {path}")
+    try:
+        head = load_drafter(path, target.config, target.weights_hash)
+    except DrafterMismatchError as err:
+        raise SpecError(f"--drafter {path}: {err}") from None
+    return MTPProposer(head, target.model)
+
+
+_BUILDERS: dict[str, Callable[[Target, ProposerRequest], Proposer | None]] = {
+    "mtp": _mtp, "ngram": _ngram, "draft-model": _draft_model, "none": _none,
+}
+
+
+def make_proposer(spec: str | None, target: Target, request: ProposerRequest) -> BuiltProposer:
+    """The proposer for ``spec`` (None: the default, see ``default_spec``)."""
+    note = None
+    if spec is None:
+        spec, note = default_spec(target, request.drafter_path)
+    builder = _BUILDERS.get(spec)
+    if builder is None:
+        raise SpecError(f"unknown speculative method {spec!r}; choose one of {', '.join(SPECS)}")
+    return BuiltProposer(spec=spec, proposer=builder(target, request), note=note)
+
+
+# --- memory accounting ----------------------------------------------------------------------------
+
+def _tensors(module: nn.Module) -> Iterator[torch.Tensor]:
+    yield from module.parameters()
+    yield from module.buffers()
+
+
+def _unique_nbytes(tensors: Iterator[torch.Tensor], seen: set[int]) -> int:
+    """Bytes of the storages behind ``tensors`` not yet in ``seen`` (which is updated)."""
+    total = 0
+    for tensor in tensors:
+        pointer = tensor.untyped_storage().data_ptr()
+        if pointer not in seen:
+            seen.add(pointer)
+            total += tensor.untyped_storage().nbytes()
+    return total
+
+
+def module_nbytes(module: nn.Module) -> int:
+    """Bytes of ``module``'s parameters and buffers (shared storage counted once)."""
+    return _unique_nbytes(_tensors(module), set())
+
+
+def proposer_nbytes(proposer: Proposer | None, target: nn.Module) -> int:
+    """Memory a proposer adds to the target's: its own modules' weights plus any cache it holds.
+
+    Counts every ``nn.Module`` attribute of the proposer (a draft model, an MTP head), minus storage
+    the target already holds (a tied embedding), plus ``cache_nbytes`` when the proposer has one.
+    """
+    if proposer is None:
+        return 0
+    seen: set[int] = set()
+    _unique_nbytes(_tensors(target), seen)
+    total = sum(_unique_nbytes(_tensors(value), seen) for value in vars(proposer).values()
+                if isinstance(value, nn.Module))
+    return total + int(getattr(proposer, "cache_nbytes", 0) or 0)

@@ -1,0 +1,95 @@
+"""The MTP proposer: drafts k tokens with the recurrent head, reading the target's KV cache.
+
+Nothing is prefilled and no cache is kept: every propose() starts from the engine's state (the
+target's hidden state before the pending token, and its cache, read-only). The LM head is the
+target's own tied embedding, used three ways (``DrafterConfig.head``):
+- ``full``: all V logits (exact, costs as much as the target's own head);
+- ``clustered``: score C centroids, keep the top-m clusters, exact logits for their tokens only,
+  -inf for every other token;
+- ``frequency``: exact logits over a fixed set of the most frequent tokens.
+"""
+from __future__ import annotations
+
+import torch
+
+from mtpspec.drafter.head import MTPHead
+from mtpspec.models.gemma3 import Gemma3Model
+from mtpspec.proposers.base import Draft, DraftState
+from mtpspec.sampling import logits_to_probs, sample
+
+
+class DraftHeadLogits:
+    """The drafter's LM head over the target's tied embedding."""
+
+    def __init__(self, head: MTPHead, target: Gemma3Model, kind: str | None = None):
+        self.kind = kind or head.cfg.head
+        self.target = target
+        cfg = head.cfg
+        self.cluster_size = cfg.vocab_size // cfg.num_clusters
+        self.clusters = head.token_ordering.view(cfg.num_clusters, self.cluster_size)  # [C, S]
+        self.centroids = head.centroids.detach().float()  # [C, d]
+        self.top = cfg.top_clusters
+        self.frequent = head.frequent_tokens
+        self.frequent_rows = (target.embed.rows(self.frequent) if self.kind == "frequency"
+                              else None)  # [N, d]
+
+    def __call__(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """h [B, d] -> (logits [B, N], token ids [B, N]) or (full logits [B, V], None)."""
+        if self.kind == "full":
+            return self.target.lm_head(h), None
+        if self.kind == "frequency":
+            return h @ self.frequent_rows.T, self.frequent.expand(h.shape[0], -1)
+        scores = h @ self.centroids.T  # [B, C]
+        chosen = scores.topk(self.top, dim=-1).indices  # [B, m]
+        ids = self.clusters[chosen].flatten(1)  # [B, m*S]
+        rows = self.target.embed.rows(ids.flatten()).view(*ids.shape, -1)  # [B, m*S, d]
+        return torch.einsum("bnd,bd->bn", rows, h), ids
+
+    def to_full(self, logits: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
+        """Scatter subset logits into a full [B, V] row, -inf elsewhere."""
+        if ids is None:
+            return logits
+        full = torch.full((logits.shape[0], self.target.config.vocab_size), float("-inf"))
+        return full.scatter_(1, ids, logits)
+
+
+class MTPProposer:
+    name = "mtp"
+
+    def __init__(self, head: MTPHead, target: Gemma3Model, head_kind: str | None = None):
+        self.head = head.eval()
+        self.target = target
+        self.logits = DraftHeadLogits(head, target, head_kind)
+
+    def reset(self) -> None:
+        pass
+
+    @torch.inference_mode()
+    def propose(self, state: DraftState, k: int) -> Draft:
+        head, cache, cfg = self.head, state.cache, self.head.cfg
+        batch = len(state.tokens)
+        pending = torch.tensor([t[-1] for t in state.tokens])  # [B]
+        positions = state.positions  # [B] position of the pending token; slots < it are valid
+        end = int(positions.max())
+        start = max(0, int(positions.min()) - cfg.sliding_window) if all(
+            not g for g in cfg.layer_is_global) else 0
+        kv = [(cache.k[layer, :batch, :, start:end], cache.v[layer, :batch, :, start:end])
+              for layer in cfg.target_layers]
+        h = state.hidden[:, None]  # [B, 1, d]
+        token = pending
+        tokens = torch.zeros(batch, k, dtype=torch.long)
+        probs = None if state.params.greedy else torch.zeros(batch, k, cfg.vocab_size)
+        for i in range(k):
+            query = positions if cfg.constant_positions else positions + i
+            embeds = self.target.embed_tokens(token)[:, None]  # [B, 1, d]
+            h = head.step(embeds, h, query[:, None], positions[:, None], kv, key_start=start)
+            logits, ids = self.logits(h[:, 0])
+            if state.params.greedy:
+                best = logits.argmax(-1)
+                token = best if ids is None else ids.gather(1, best[:, None]).squeeze(1)
+            else:
+                q = logits_to_probs(self.logits.to_full(logits, ids), state.params)
+                probs[:, i] = q
+                token = sample(q, state.generator)
+            tokens[:, i] = token
+        return Draft(tokens=tokens, probs=probs)
