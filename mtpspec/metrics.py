@@ -52,6 +52,9 @@ class SpecStats:
         out.accepted_at = [a + b for a, b in zip(pad(self.accepted_at), pad(other.accepted_at))]
         return out
 
+    def __add__(self, other: "SpecStats") -> "SpecStats":
+        return self.merge(other)
+
     @property
     def tau(self) -> float:
         return self.generated / self.steps if self.steps else 0.0

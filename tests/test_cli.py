@@ -134,6 +134,45 @@ def test_spec_mtp_without_a_drafter(models, capsys):
     assert_one_error_line(status, err, "mtp")
 
 
+def write_tiny_drafter(folder, model_folder, target_hash=None):
+    """A random MTP head for the tiny model (the lead's drafter API); skip if it is missing."""
+    drafter = pytest.importorskip("mtpspec.drafter")
+    from mtpspec.drafter.head import init_weights
+    from mtpspec.runtime import load_target
+
+    target = load_target(model_folder, with_tokenizer=False)
+    config = drafter.DrafterConfig.for_target(
+        target.config, num_layers=1, d_draft=32, intermediate_size=64, head="full",
+        num_clusters=8, top_clusters=2,
+        target_hash=target.weights_hash if target_hash is None else target_hash)
+    head = drafter.MTPHead(config)
+    init_weights(head)
+    drafter.save_drafter(head, folder)
+    return folder
+
+
+def test_mtp_with_a_drafter(models, tmp_path, capsys):
+    folder = write_tiny_drafter(tmp_path / "drafter", models["base"])
+    base = ["--model", str(models["base"]), "--max-new-tokens", "6"]
+    status, plain_out, _ = run_cli(["generate", *base, "--spec", "none", "abc abc"], capsys)
+    assert status == 0
+    status, out, err = run_cli(["generate", *base, "--drafter", str(folder), "abc abc"], capsys)
+    assert status == 0 and "[mtp k=4]" in err and "note" not in err  # --drafter selects mtp
+    assert out == plain_out
+    status, out, err = run_cli(["bench", *base, "--drafter", str(folder), "--methods", "plain,mtp",
+                                "--limit", "2", "--draft-k", "2"], capsys)
+    assert status == 0, err
+    mtp = json.loads(out.strip().splitlines()[-1])["results"]["mtp"]
+    assert mtp["mismatches"] == 0 and mtp["draft_n"] > 0 and mtp["extra_memory_bytes"] > 0
+
+
+def test_mtp_refuses_a_drafter_of_another_target(models, tmp_path, capsys):
+    folder = write_tiny_drafter(tmp_path / "drafter", models["base"], target_hash="0" * 64)
+    status, _, err = run_cli(["generate", "--model", str(models["base"]), "--drafter", str(folder),
+                              "hi"], capsys)
+    assert_one_error_line(status, err, "does not fit")
+
+
 def write_prompts(path):
     path.write_text(
         '{"question_id": 81, "category": "writing", "turns": ["ab ab ab ab", "again"]}\n'

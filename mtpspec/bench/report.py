@@ -23,6 +23,8 @@ JSON document (``mtpspec bench --json OUT``; the last line of stdout is the same
       prefill_s, decode_s       summed over prompts (a batch's time is shared out by tokens)
       speedup           tokens_per_s / plain's tokens_per_s (null when plain was not run)
       end_to_end_speedup        the same for end_to_end_tokens_per_s
+      speedup_median    median over prompts of the per-prompt decode speedup: robust to one slow
+                        spell of a shared machine (null without plain)
       tau               mean acceptance length: generated tokens / target verification steps, the
                         bonus token included (plain: 1.0; hf methods: tokens per streamed chunk)
       acceptance_rate   draft_n_accepted / draft_n (null when nothing was drafted, and for hf)
@@ -37,14 +39,16 @@ JSON document (``mtpspec bench --json OUT``; the last line of stdout is the same
                         ngram; null when unknown
       rss_growth_bytes  rise of the process's peak RSS during this method's warm-up (rough)
       categories[category]  tokens, tokens_per_s, end_to_end_tokens_per_s, speedup,
-                        end_to_end_speedup, tau, acceptance_rate, acceptance_per_position,
-                        draft_n, draft_n_accepted, mismatches: as above, over that category
+                        end_to_end_speedup, speedup_median, tau, acceptance_rate,
+                        acceptance_per_position, draft_n, draft_n_accepted, mismatches: as above,
+                        over that category
       outputs           one per prompt, in prompt order: id (the file's id or question_id),
                         category, token_ids (generated tokens only), text, prefill_s, decode_s
 """
 from __future__ import annotations
 
 import math
+import statistics
 from collections import Counter
 from functools import reduce
 
@@ -87,6 +91,12 @@ def _aggregate(runs: list[Run], baseline: list[Run] | None, greedy: bool, ids: l
         steps = sum(r.steps or 0 for r in runs)
         out.update(tau=round(decode_tokens / steps, 4) if steps else None, acceptance_rate=None,
                    acceptance_per_position=[], draft_n=None, draft_n_accepted=None, steps=steps)
+    out["speedup_median"] = None
+    if baseline is not None:
+        ratios = [(r.decode_tokens / r.decode_s) / (b.decode_tokens / b.decode_s)
+                  for r, b in zip(runs, baseline)
+                  if r.decode_s > 0 and b.decode_s > 0 and r.decode_tokens and b.decode_tokens]
+        out["speedup_median"] = round(statistics.median(ratios), 4) if ratios else None
     if greedy and baseline is not None:
         differ = [i for i, run, base in zip(ids, runs, baseline) if run.token_ids != base.token_ids]
         out.update(mismatches=len(differ), mismatched_ids=differ)
@@ -186,12 +196,13 @@ def format_table(doc: dict) -> str:
     title = (f"{doc['model']} ({doc['weights']}), {doc['prompts']['count']} prompts from "
              f"{doc['prompts']['source']}, {settings['max_new_tokens']} new tokens, {mode}, "
              f"batch {settings['batch_size']}")
-    header = ["method", "tok/s", "e2e tok/s", "speedup", "e2e x", "tau", "accept", "drafted",
-              "accepted", "mismatch", "extra MiB"]
+    header = ["method", "tok/s", "e2e tok/s", "speedup", "median x", "e2e x", "tau", "accept",
+              "drafted", "accepted", "mismatch", "extra MiB"]
     rows = []
     for name, r in results.items():
         rows.append([name, _fmt(r["tokens_per_s"]), _fmt(r["end_to_end_tokens_per_s"]),
-                     _fmt(r["speedup"], ".2f", "x"), _fmt(r["end_to_end_speedup"], ".2f", "x"),
+                     _fmt(r["speedup"], ".2f", "x"), _fmt(r["speedup_median"], ".2f", "x"),
+                     _fmt(r["end_to_end_speedup"], ".2f", "x"),
                      _fmt(r["tau"]), _fmt(r["acceptance_rate"], ".1%"), _fmt(r["draft_n"], "d"),
                      _fmt(r["draft_n_accepted"], "d"), _fmt(r["mismatches"], "d"),
                      _mib(r["extra_memory_bytes"])])

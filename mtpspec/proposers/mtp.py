@@ -26,7 +26,8 @@ class DraftHeadLogits:
         self.target = target
         cfg = head.cfg
         self.cluster_size = cfg.vocab_size // cfg.num_clusters
-        self.clusters = head.token_ordering.view(cfg.num_clusters, self.cluster_size)  # [C, S]
+        self.clusters = (head.token_ordering.view(cfg.num_clusters, self.cluster_size)
+                         if self.kind == "clustered" else None)  # [C, S]
         self.centroids = head.centroids.detach().float()  # [C, d]
         self.top = cfg.top_clusters
         self.frequent = head.frequent_tokens
