@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,26 +107,20 @@ def _hf_name(gguf_name: str) -> str:
     return f"model.layers.{parts[1]}.{_GGUF_LAYER_NAMES[parts[2]]}.{parts[3]}"
 
 
-def _gguf_field(reader, key: str, default=None):
-    field = reader.fields.get(key)
-    if field is None:
-        return default
-    return field.contents()
-
-
-def gguf_config(reader) -> ModelConfig:
-    arch = _gguf_field(reader, "general.architecture")
+def gguf_config(meta: dict) -> ModelConfig:
+    """A ModelConfig from GGUF metadata (``tokenizer.read_gguf_metadata``)."""
+    arch = meta.get("general.architecture")
     if arch != "gemma3":
         raise ModelLoadError(f"GGUF architecture {arch!r} is not supported natively (only gemma3)")
-    get = lambda name, default=None: _gguf_field(reader, f"gemma3.{name}", default)  # noqa: E731
+    get = lambda name, default=None: meta.get(f"gemma3.{name}", default)  # noqa: E731
     hidden = int(get("embedding_length"))
     heads = int(get("attention.head_count"))
     head_dim = int(get("attention.key_length", hidden // heads))
-    eos = [int(_gguf_field(reader, "tokenizer.ggml.eos_token_id", 1))]
-    tokens = reader.fields.get("tokenizer.ggml.tokens")
-    vocab = len(tokens.data) if tokens is not None else None
+    eos = [int(meta.get("tokenizer.ggml.eos_token_id", 1))]
+    tokens = meta.get("tokenizer.ggml.tokens")
+    vocab = len(tokens) if tokens is not None else None
     end_of_turn = 106
-    if vocab and vocab > end_of_turn and str(tokens.contents(end_of_turn)) == "<end_of_turn>":
+    if vocab and vocab > end_of_turn and tokens[end_of_turn] == "<end_of_turn>":
         eos.append(end_of_turn)
     return ModelConfig(
         vocab_size=vocab or 262_144,
@@ -141,16 +136,18 @@ def gguf_config(reader) -> ModelConfig:
         sliding_window=int(get("attention.sliding_window", 512)),
         query_pre_attn_scalar=float(head_dim),
         max_position_embeddings=int(get("context_length", 32_768)),
-        bos_token_id=int(_gguf_field(reader, "tokenizer.ggml.bos_token_id", 2)),
+        bos_token_id=int(meta.get("tokenizer.ggml.bos_token_id", 2)),
         eos_token_ids=tuple(eos),
-        pad_token_id=int(_gguf_field(reader, "tokenizer.ggml.padding_token_id", 0)),
-        name=str(_gguf_field(reader, "general.name", "gemma3")),
+        pad_token_id=int(meta.get("tokenizer.ggml.padding_token_id", 0)),
+        name=str(meta.get("general.name", "gemma3")),
     )
 
 
-def _dequantize_gguf(reader) -> dict[str, torch.Tensor]:
+def _dequantize_gguf(path: Path) -> dict[str, torch.Tensor]:
+    from gguf import GGUFReader
     from gguf.quants import dequantize
 
+    reader = GGUFReader(str(path))
     tensors = {}
     for tensor in reader.tensors:
         name = _hf_name(tensor.name)
@@ -162,22 +159,25 @@ def _dequantize_gguf(reader) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load_gguf(path: Path) -> LoadedWeights:
+def load_gguf(path: Path, with_tensors: bool = True) -> LoadedWeights:
     """Dequantized float32 weights of a Gemma 3 GGUF file, cached next to its hash."""
-    from gguf import GGUFReader
     from safetensors.torch import load_file, save_file
 
+    from mtpspec.tokenizer import read_gguf_metadata
+
     try:
-        reader = GGUFReader(str(path))
-    except (ValueError, OSError) as err:
+        meta = read_gguf_metadata(path)
+    except (ValueError, OSError, struct.error, UnicodeDecodeError) as err:
         raise ModelLoadError(f"{path}: not a readable GGUF file ({err})") from err
-    config = gguf_config(reader)
+    config = gguf_config(meta)
     digest = file_sha256(path)
     cached = cache_root() / digest[:24] / "weights-fp32.safetensors"
+    if not with_tensors:
+        return LoadedWeights(config=config, tensors={}, source=path, weights_hash=digest)
     if cached.exists():
         tensors = load_file(str(cached))
     else:
-        tensors = _dequantize_gguf(reader)
+        tensors = _dequantize_gguf(path)
         cached.parent.mkdir(parents=True, exist_ok=True)
         tmp = cached.with_suffix(".tmp")
         save_file(tensors, str(tmp))
@@ -236,7 +236,7 @@ def hf_config(raw: dict) -> ModelConfig:
     )
 
 
-def load_hf_folder(folder: Path) -> LoadedWeights:
+def load_hf_folder(folder: Path, with_tensors: bool = True) -> LoadedWeights:
     """Float32 weights and config of a Gemma 3 Hugging Face folder (config.json + *.safetensors)."""
     from safetensors.torch import load_file
 
@@ -251,6 +251,7 @@ def load_hf_folder(folder: Path) -> LoadedWeights:
     digest = hashlib.sha256()
     for file in files:
         digest.update(file_sha256(file).encode())
+    for file in files if with_tensors else ():
         for name, tensor in load_file(str(file)).items():
             name = name.replace("model.language_model.", "model.")
             if name.startswith("language_model."):
@@ -261,13 +262,21 @@ def load_hf_folder(folder: Path) -> LoadedWeights:
     return LoadedWeights(config=config, tensors=tensors, source=folder, weights_hash=digest.hexdigest())
 
 
-def load_weights(path: str | Path | None) -> LoadedWeights:
-    """Weights from a GGUF file, a Hugging Face folder, or (None) the embedded default model."""
+def resolve_model_path(path: str | Path | None) -> Path:
+    """The model file or folder ``path`` names, or the embedded default; clear error if missing."""
     resolved = default_model_path() if path is None else Path(path).expanduser()
     if not resolved.exists():
         raise ModelLoadError(f"model path not found: {resolved}")
+    return resolved
+
+
+def load_weights(path: str | Path | None, with_tensors: bool = True) -> LoadedWeights:
+    """Weights from a GGUF file, a Hugging Face folder, or (None) the embedded default model.
+
+    ``with_tensors=False`` reads only the configuration and the weights' hash (fast)."""
+    resolved = resolve_model_path(path)
     if resolved.is_dir():
-        return load_hf_folder(resolved)
+        return load_hf_folder(resolved, with_tensors)
     if resolved.suffix.lower() != ".gguf":
         raise ModelLoadError(f"{resolved}: expected a .gguf file or a Hugging Face folder")
-    return load_gguf(resolved)
+    return load_gguf(resolved, with_tensors)

@@ -5,7 +5,10 @@ tokenizer and chat template always come from the same source as the weights.
 """
 from __future__ import annotations
 
+import hashlib
+import pickle
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,14 +41,47 @@ def configure_threads() -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
 
+def _code_version() -> str:
+    """A hash of the modules whose classes a cached model pickles, so code changes rebuild it."""
+    digest = hashlib.sha256()
+    package = Path(__file__).parent
+    for file in sorted([*package.glob("models/*.py"), package / "ops.py", package / "kv_cache.py",
+                        *package.glob("fused*.py")]):
+        digest.update(file.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _cached_model(path, loaded, weights: str) -> Gemma3Model:
+    """Build the model in ``weights`` format once, then memory-map the packed result."""
+    cached = cache_root() / loaded.weights_hash[:24] / f"model-{weights}-{_code_version()}.pt"
+    if cached.exists():
+        try:
+            return torch.load(cached, mmap=True, weights_only=False)
+        except (OSError, RuntimeError, AttributeError, EOFError) as err:
+            warnings.warn(f"rebuilding cached model {cached.name}: {err}")
+    full = load_weights(path)
+    model = Gemma3Model(full.config, full.tensors, weights)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    for stale in cached.parent.glob(f"model-{weights}-*.pt"):
+        stale.unlink()
+    tmp = cached.with_suffix(".tmp")
+    try:
+        torch.save(model, tmp)
+        tmp.replace(cached)
+    except (OSError, TypeError, AttributeError, pickle.PicklingError) as err:
+        warnings.warn(f"could not cache the built model ({err}); the next start rebuilds it")
+        tmp.unlink(missing_ok=True)
+    return model
+
+
 def load_target(path: str | Path | None = None, weights: str = "fp32",
                 with_tokenizer: bool = True) -> Target:
     """Load a target from a GGUF file, a Hugging Face folder, or (None) the embedded default."""
     if weights not in FORMATS:
         raise ModelLoadError(f"unknown weight format {weights!r}; choose one of {', '.join(FORMATS)}")
     start = time.perf_counter()
-    loaded = load_weights(path)
-    model = Gemma3Model(loaded.config, loaded.tensors, weights)
+    loaded = load_weights(path, with_tensors=False)
+    model = _cached_model(path, loaded, weights)
     tokenizer = None
     if with_tokenizer:
         if loaded.source.is_dir():

@@ -1,0 +1,71 @@
+"""Where a decode step's time goes on the default model: per format, kernel threads, and M.
+
+Prints median ms of a target forward over M new tokens (M = 1 plain decode, M = k+1 verification)
+on a ~200-token cache, the LM head alone, and one MTP draft step, for each weight format.
+Usage: python bench/profile_step.py [--formats fp32,int8] [--threads 1,2]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from mtpspec import ops
+from mtpspec.drafter import load_drafter, shipped_drafter_for
+from mtpspec.loading import load_weights
+from mtpspec.models.gemma3 import Gemma3Model
+from mtpspec.proposers.base import DraftState
+from mtpspec.proposers.mtp import MTPProposer
+from mtpspec.sampling import SamplingParams
+
+
+def median_ms(fn, reps=15):
+    fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--formats", default="fp32,bf16,int8,int4")
+    parser.add_argument("--threads", default="1,2")
+    parser.add_argument("--ms", default="1,2,4,5,8")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    loaded = load_weights(None)
+    head = load_drafter(shipped_drafter_for(loaded.weights_hash), loaded.config, loaded.weights_hash)
+    results = {}
+    for fmt in args.formats.split(","):
+        model = Gemma3Model(loaded.config, loaded.tensors, fmt)
+        cache = model.new_cache(1, 512)
+        ctx = 200
+        model(torch.randint(0, 1000, (1, ctx)), torch.arange(ctx)[None], cache, num_logits=0)
+        hidden = torch.randn(1, loaded.config.hidden_size)
+        for threads in [int(t) for t in args.threads.split(",")]:
+            ops.set_num_threads(threads)
+            row = {}
+            for m in [int(x) for x in args.ms.split(",")]:
+                ids = torch.randint(0, 1000, (1, m))
+                pos = torch.arange(ctx, ctx + m)[None]
+                row[f"forward_m{m}"] = median_ms(lambda: model(ids, pos, cache, num_logits=None))
+                row[f"head_m{m}"] = median_ms(lambda: model.lm_head(torch.randn(m, 640)))
+            for kind in ("clustered", "frequency"):
+                proposer = MTPProposer(head, model, kind)
+                state = DraftState(tokens=[[5] * ctx], hidden=hidden, positions=torch.tensor([ctx]),
+                                   cache=cache, params=SamplingParams(), generator=None)
+                row[f"draft_step_{kind}"] = median_ms(lambda: proposer.propose(state, 4)) / 4
+            results[f"{fmt}/t{threads}"] = {k: round(v, 2) for k, v in row.items()}
+            print(f"{fmt} threads={threads}: " + "  ".join(f"{k}={v:.1f}" for k, v in row.items()),
+                  flush=True)
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
