@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                                "drafter ships for the target, else ngram)")
     generate.add_argument("--draft-k", type=int, default=DEFAULT_DRAFT_K,
                           help="draft tokens per step (default %(default)s)")
+    generate.add_argument("--adaptive-k", action="store_true",
+                          help="adapt the draft length to recent acceptance, up to --draft-k")
     generate.set_defaults(handler=cmd_generate)
 
     bench = commands.add_parser("bench", help="compare decoding methods on a prompt set")
@@ -187,7 +189,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UsageError(f"unknown --spec {args.spec!r}; choose one of {', '.join(SPECS)}")
     try:
         options = GenerateOptions(max_new_tokens=args.max_new_tokens, sampling=_sampling(args),
-                                  stop=tuple(args.stop), draft_k=args.draft_k)
+                                  stop=tuple(args.stop), draft_k=args.draft_k,
+                                  adaptive_k=args.adaptive_k)
     except ValueError as err:
         raise UsageError(str(err)) from None
     text = _read_prompt(args.prompt)

@@ -12,7 +12,7 @@ so nothing after a stop is ever emitted, and greedy output is the target's token
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -36,6 +36,7 @@ class GenerateOptions:
     draft_k: int = 4
     ignore_eos: bool = False
     stop_token_ids: tuple[int, ...] = ()  # end a sequence like EOS (not emitted)
+    adaptive_k: bool = False  # adapt the draft length to recent acceptance (draft_k is the cap)
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -118,17 +119,32 @@ class _Row:
         return out
 
 
+class AdaptiveDraftLength:
+    """Draft length that follows acceptance: longer after a fully accepted block, shorter after
+    a rejection (the heuristic of HF's assisted generation), within 1..k_max."""
+
+    def __init__(self, k_max: int):
+        self.k_max = k_max
+        self.k = max(1, min(k_max, 3))
+
+    def update(self, drafted: int, accepted: int) -> None:
+        if drafted == 0:
+            return
+        if accepted == drafted:
+            self.k = min(self.k_max, self.k + 2)
+        else:
+            self.k = max(1, min(self.k - 1, accepted + 1))
+
+
 class Engine:
     """Runs plain or speculative decoding for a batch of prompts on one target."""
 
     def __init__(self, model: Gemma3Model, tokenizer: Tokenizer | None = None,
-                 proposer: Proposer | None = None, max_len: int = 4096,
-                 draft_schedule: Callable[[SpecStats, int], int] | None = None):
+                 proposer: Proposer | None = None, max_len: int = 4096):
         self.model = model
         self.tokenizer = tokenizer
         self.proposer = proposer
         self.max_len = min(max_len, model.config.max_position_embeddings)
-        self.draft_schedule = draft_schedule
 
     def generate(self, prompts: list[list[int]], options: GenerateOptions) -> list[GenerationResult]:
         """Generate for every prompt (token ids) and return the finished results."""
@@ -170,13 +186,16 @@ class Engine:
                 yield TokenEvent(b, int(pending[b]), False, text)
 
         decode_start = time.perf_counter()
+        schedule = AdaptiveDraftLength(k) if options.adaptive_k and k > 0 else None
         while any(row.finish is None for row in rows):
-            step_k = self._step_k(k, rows)
+            step_k = self._step_k(k if schedule is None else schedule.k, rows)
             state = DraftState(tokens=history, hidden=hidden, positions=positions, cache=cache,
                                params=options.sampling, generator=generator)
             draft = self.proposer.propose(state, step_k) if step_k > 0 else empty_draft(batch)
             emitted, num_accepted, hidden = self._verify_step(
                 cache, pending, positions, draft, options.sampling, generator)
+            if schedule is not None:  # batch: follow the best row (drafting is shared)
+                schedule.update(draft.k, int(num_accepted.max()))
             for b, row in enumerate(rows):
                 if row.finish is not None:
                     continue
@@ -208,15 +227,14 @@ class Engine:
                 results.append(GenerationResult(row.tokens, row.text, row.from_draft,
                                                 row.finish or "length", row.stats))
 
-    def _step_k(self, k: int, rows: list[_Row]) -> int:
-        """Draft length for the next step: the fixed k, or the schedule's choice."""
+    @staticmethod
+    def _step_k(k: int, rows: list[_Row]) -> int:
+        """Draft length for the next step, never past what any row may still emit."""
         if k == 0:
             return 0
         left = max(row.options.max_new_tokens - len(row.tokens) for row in rows
                    if row.finish is None)
-        step_k = k if self.draft_schedule is None else self.draft_schedule(
-            sum((row.stats for row in rows), SpecStats()) if len(rows) > 1 else rows[0].stats, k)
-        return max(0, min(step_k, left - 1))
+        return max(0, min(k, left - 1))
 
     def _prefill(self, prompts, cache, params: SamplingParams, generator):
         """Run the prompts (right-padded; pad slots are overwritten before they are read)."""

@@ -161,3 +161,38 @@ def test_speculative_sampling_keeps_the_target_distribution(temperature, top_p):
     # mean dof, sd sqrt(2 dof): 5 sd above the mean fails only with negligible probability
     assert chi2 < dof + 5 * (2 * dof) ** 0.5, (float(chi2), dof)
     assert float(spec[~keep].sum()) <= max(10.0, 3 * float(expected[~keep].sum() * trials))
+
+
+@pytest.mark.parametrize("kind", ["oracle", "wrong", "ngram"])
+def test_adaptive_draft_length_stays_lossless_and_adapts(tiny, plain_outputs, kind):
+    prompts, expected, options = plain_outputs
+    vocab = tiny.config.vocab_size
+    proposer = {"oracle": OracleProposer(prompts, expected, vocab),
+                "wrong": OracleProposer(prompts, expected, vocab, wrong=True),
+                "ngram": NgramProposer()}[kind]
+    spec = GenerateOptions(max_new_tokens=options.max_new_tokens, ignore_eos=True, draft_k=8,
+                           adaptive_k=True)
+    results = Engine(tiny, proposer=proposer).generate(prompts, spec)
+    assert [r.token_ids for r in results] == expected
+    single = Engine(tiny, proposer=proposer).generate(prompts[:1], spec)[0]
+    if kind == "oracle":  # grows towards the cap: far fewer steps than fixed k=3
+        assert single.stats.steps <= 1 + options.max_new_tokens // 4
+    if kind == "wrong":  # shrinks to one draft per step
+        assert single.stats.draft_proposed <= single.stats.steps + 2
+
+
+def test_adaptive_draft_length_rule():
+    from mtpspec.engine import AdaptiveDraftLength
+
+    schedule = AdaptiveDraftLength(6)
+    assert schedule.k == 3
+    schedule.update(3, 3)
+    assert schedule.k == 5
+    schedule.update(5, 5)
+    assert schedule.k == 6
+    schedule.update(6, 1)
+    assert schedule.k == 2
+    schedule.update(2, 0)
+    assert schedule.k == 1
+    schedule.update(0, 0)
+    assert schedule.k == 1
