@@ -76,6 +76,7 @@ struct Job {
   const float* x; int64_t M, K, N;
   const uint8_t* w; const void* s; int64_t G;
   float* y; int fmt; int64_t panels_per_chunk, npanels;
+  int64_t n_base = 0;  // output channel n is written to column n - n_base of y
 };
 
 template <int FMT>
@@ -170,11 +171,11 @@ static void block(const Job& j, int64_t p, int64_t r0, int rows, float* out) {
   }
 }
 
+// panels [p0, p1) of the job; output channel n of row r goes to y[r * N + n]
 template <int FMT>
-static void run_chunk(const Job& j, int64_t c) {
+static void run_panels(const Job& j, int64_t p0, int64_t p1) {
   const int max_rows = 6;
   const int64_t nblocks = (j.M + max_rows - 1) / max_rows;
-  const int64_t p0 = c * j.panels_per_chunk, p1 = std::min(j.npanels, p0 + j.panels_per_chunk);
   alignas(32) float out[6 * 16];
   for (int64_t p = p0; p < p1; ++p) {
     const int64_t n0 = p * 16, nv = std::min<int64_t>(16, j.N - n0);
@@ -184,26 +185,35 @@ static void run_chunk(const Job& j, int64_t c) {
       const int rows = (int)((j.M - r0) / (nblocks - b) + ((j.M - r0) % (nblocks - b) ? 1 : 0));
       block<FMT>(j, p, r0, rows, out);
       for (int r = 0; r < rows; ++r)
-        std::memcpy(j.y + (r0 + r) * j.N + n0, out + r * 16, nv * sizeof(float));
+        std::memcpy(j.y + (r0 + r) * j.N + n0 - j.n_base, out + r * 16, nv * sizeof(float));
       r0 += rows;
     }
   }
 }
 
-static void run_chunk_any(const Job& j, int64_t c) {
+static void run_panels_any(const Job& j, int64_t p0, int64_t p1) {
   switch (j.fmt) {
-    case F32: run_chunk<F32>(j, c); break;
-    case BF16: run_chunk<BF16>(j, c); break;
-    case I8: run_chunk<I8>(j, c); break;
-    default: run_chunk<I4>(j, c); break;
+    case F32: run_panels<F32>(j, p0, p1); break;
+    case BF16: run_panels<BF16>(j, p0, p1); break;
+    case I8: run_panels<I8>(j, p0, p1); break;
+    default: run_panels<I4>(j, p0, p1); break;
   }
+}
+
+static void run_chunk_any(const void* ctx, int64_t c) {
+  const Job& j = *static_cast<const Job*>(ctx);
+  const int64_t p0 = c * j.panels_per_chunk;
+  run_panels_any(j, p0, std::min(j.npanels, p0 + j.panels_per_chunk));
 }
 
 // ---- a tiny pool: helpers claim chunks from a shared ticket; the caller never waits for a helper
 // that has not started a chunk, so a helper descheduled by another process costs nothing.
+// A job is any task function over chunk indices 0..n-1 (a matrix product, attention, ...).
 namespace pool {
+typedef void (*TaskFn)(const void* ctx, int64_t chunk);
 constexpr uint64_t kMask = (1ull << 20) - 1;
-static Job job;
+static TaskFn task_fn = nullptr;
+static const void* task_ctx = nullptr;
 static std::atomic<uint64_t> ticket{0};  // gen << 40 | n << 20 | next
 static std::atomic<int64_t> done{0};
 // leaked on purpose: detached helpers may still wait on them during static destruction at exit
@@ -220,7 +230,7 @@ static bool try_one() {
   const uint64_t n = (t >> 20) & kMask, i = t & kMask;
   if (i >= n) return false;
   if (!ticket.compare_exchange_weak(t, t + 1, std::memory_order_acq_rel)) return true;
-  run_chunk_any(job, (int64_t)i);
+  task_fn(task_ctx, (int64_t)i);
   done.fetch_add(1, std::memory_order_release);
   return true;
 }
@@ -249,14 +259,15 @@ static void ensure(int64_t nhelpers) {
   for (; nhelpers_started < nhelpers; ++nhelpers_started) std::thread(helper_loop).detach();
 }
 
-static void run(const Job& j, int64_t nchunks, int64_t threads) {
+static void run(TaskFn fn, const void* ctx, int64_t nchunks, int64_t threads) {
   if (threads <= 1 || nchunks <= 1) {
-    for (int64_t c = 0; c < nchunks; ++c) run_chunk_any(j, c);
+    for (int64_t c = 0; c < nchunks; ++c) fn(ctx, c);
     return;
   }
   std::lock_guard<std::mutex> call_lk(call_mu);
   ensure(threads - 1);
-  job = j;
+  task_fn = fn;
+  task_ctx = ctx;
   done.store(0, std::memory_order_relaxed);
   gen = (gen + 1) & ((1ull << 24) - 1);
   ticket.store(gen << 40 | (uint64_t)nchunks << 20, std::memory_order_release);
@@ -267,25 +278,105 @@ static void run(const Job& j, int64_t nchunks, int64_t threads) {
 }
 }  // namespace pool
 
+// f(i) for i in [0, n), spread over the pool (f must not call the pool itself)
+template <class F>
+static void parallel_for(int64_t n, int64_t threads, const F& f) {
+  pool::run([](const void* c, int64_t i) { (*static_cast<const F*>(c))(i); }, &f, n, threads);
+}
+
+// y [M, N] = x [M, K] @ W.T for a packed weight (raw pointers; what packed_linear and the fused
+// layers share)
+struct PackedRef {
+  const uint8_t* w; const void* s; int fmt; int64_t N, K, G;
+};
+
+static void packed_matmul(const PackedRef& p, const float* x, int64_t M, float* y, int64_t threads,
+                          int64_t chunk_bytes) {
+  if (M == 0) return;
+  const int64_t npanels = (p.N + 15) / 16;
+  const int64_t esize = p.fmt == F32 ? 64 : p.fmt == BF16 ? 32 : p.fmt == I8 ? 16 : 8;
+  int64_t ppc = std::max<int64_t>(1, chunk_bytes / (p.K * esize));
+  int64_t nchunks = (npanels + ppc - 1) / ppc;
+  if (nchunks > (int64_t)pool::kMask) { ppc = (npanels + pool::kMask - 1) / pool::kMask; nchunks = (npanels + ppc - 1) / ppc; }
+  Job j{x, M, p.K, p.N, p.w, p.s, p.G, y, p.fmt, ppc, npanels};
+  pool::run(run_chunk_any, &j, nchunks, threads);
+}
+
+static PackedRef packed_ref(const torch::Tensor& w, const torch::Tensor& s, int64_t fmt, int64_t N,
+                            int64_t K, int64_t G) {
+  TORCH_CHECK(w.is_contiguous() && w.device().is_cpu(), "packed weight must be a contiguous CPU tensor");
+  return PackedRef{(const uint8_t*)w.data_ptr(), s.numel() ? s.data_ptr() : nullptr, (int)fmt, N, K, G};
+}
+
+// row n of a packed weight, dequantized exactly as PackedLinear.rows does (no FMA contraction)
+static void packed_row(const PackedRef& p, int64_t n, float* out) {
+  const int64_t panel = n / 16, lane = n % 16, K = p.K;
+  if (p.fmt == F32) {
+    const float* w = reinterpret_cast<const float*>(p.w) + panel * K * 16 + lane;
+    for (int64_t k = 0; k < K; ++k) out[k] = w[k * 16];
+  } else if (p.fmt == BF16) {
+    const uint16_t* w = reinterpret_cast<const uint16_t*>(p.w) + panel * K * 16 + lane;
+    for (int64_t k = 0; k < K; ++k) { uint32_t b = (uint32_t)w[k * 16] << 16; std::memcpy(out + k, &b, 4); }
+  } else if (p.fmt == I8) {
+    const int8_t* w = reinterpret_cast<const int8_t*>(p.w) + panel * K * 16 + lane;
+    const float sc = reinterpret_cast<const float*>(p.s)[n];
+    for (int64_t k = 0; k < K; ++k) out[k] = (float)w[k * 16] * sc;
+  } else {
+    const uint8_t* w = p.w + panel * K * 8 + (lane % 8);
+    const int shift = lane < 8 ? 0 : 4;
+    const int64_t ng = (K + p.G - 1) / p.G;
+    const uint16_t* sb = reinterpret_cast<const uint16_t*>(p.s) + panel * ng * 32;
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t g = k / p.G;
+      const float s = _cvtsh_ss(sb[g * 32 + lane]), b = _cvtsh_ss(sb[g * 32 + 16 + lane]);
+      const float q = (float)((w[k * 8] >> shift) & 15);
+      const float qs = q * s;
+      out[k] = qs + b;
+    }
+  }
+}
+
+torch::Tensor packed_rows(torch::Tensor idx, torch::Tensor w, torch::Tensor s, int64_t fmt, int64_t N,
+                          int64_t K, int64_t G) {
+  TORCH_CHECK(idx.scalar_type() == torch::kLong && idx.is_contiguous());
+  const PackedRef p = packed_ref(w, s, fmt, N, K, G);
+  const int64_t L = idx.numel();
+  auto out = torch::empty({L, K}, torch::kFloat);
+  const int64_t* ids = idx.data_ptr<int64_t>();
+  float* o = out.data_ptr<float>();
+  for (int64_t i = 0; i < L; ++i) {
+    TORCH_CHECK(ids[i] >= 0 && ids[i] < N, "row index out of range");
+    packed_row(p, ids[i], o + i * K);
+  }
+  return out;
+}
+
 torch::Tensor packed_linear(torch::Tensor x, torch::Tensor w, torch::Tensor s, int64_t fmt,
                             int64_t N, int64_t G, int64_t threads, int64_t chunk_bytes) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous());
   const int64_t M = x.size(0), K = x.size(1);
   auto y = torch::empty({M, N}, x.options());
-  if (M == 0) return y;
-  const int64_t npanels = (N + 15) / 16;
-  const int64_t esize = fmt == F32 ? 64 : fmt == BF16 ? 32 : fmt == I8 ? 16 : 8;
-  const int64_t panel_bytes = K * esize;
-  int64_t ppc = std::max<int64_t>(1, chunk_bytes / panel_bytes);
-  int64_t nchunks = (npanels + ppc - 1) / ppc;
-  if (nchunks > (int64_t)pool::kMask) { ppc = (npanels + pool::kMask - 1) / pool::kMask; nchunks = (npanels + ppc - 1) / ppc; }
-  Job j{x.data_ptr<float>(), M, K, N, (const uint8_t*)w.data_ptr(), s.numel() ? s.data_ptr() : nullptr, G,
-        y.data_ptr<float>(), (int)fmt, ppc, npanels};
-  pool::run(j, nchunks, threads);
+  packed_matmul(packed_ref(w, s, fmt, N, K, G), x.data_ptr<float>(), M, y.data_ptr<float>(), threads,
+                chunk_bytes);
   return y;
 }
 
 void set_spin_us(int64_t us) { pool::spin_us.store(us); }
+"""
+
+# Python bindings; the fused layers (mtpspec.fused) add theirs through register_fused when built
+_BINDINGS = r"""
+#ifdef MTPSPEC_WITH_FUSED
+void register_fused(pybind11::module_& m);
+#endif
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("packed_linear", &packed_linear);
+  m.def("packed_rows", &packed_rows);
+  m.def("set_spin_us", &set_spin_us);
+#ifdef MTPSPEC_WITH_FUSED
+  register_fused(m);
+#endif
+}
 """
 
 
@@ -310,21 +401,41 @@ _FMT_CODE = {"fp32": 0, "bf16": 1, "int8": 2, "int4": 3}
 _PANEL = 16  # output channels per packed panel
 
 
+def get_num_threads() -> int:
+    return _THREADS
+
+
 @functools.lru_cache(maxsize=None)
 def _extension():
-    """Build (or load the cached build of) the AVX2 kernels; None if that is not possible."""
-    try:
-        from torch.utils.cpp_extension import load_inline
+    """Build (or load the cached build of) the AVX2 kernels; None if that is not possible.
 
-        return load_inline(
-            name="mtpspec_ops_v2",
-            cpp_sources=[_CPP],
-            functions=["packed_linear", "set_spin_us"],
-            extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-std=c++17"],
-        )
-    except (RuntimeError, OSError, ImportError) as err:  # no compiler / ninja / AVX2 toolchain
-        warnings.warn(f"mtpspec.ops: AVX2 kernels unavailable ({err}); using F.linear fallback")
-        return None
+    One extension holds these kernels and the fused decoder layers of ``mtpspec.fused`` (so they
+    share one thread pool); if the fused part does not build, the plain kernels are built alone."""
+    from mtpspec.fused import CPP as fused_cpp  # noqa: PLC0415 - fused imports this module
+
+    builds = [("mtpspec_ops_v3", [_CPP, fused_cpp, _BINDINGS], ["-DMTPSPEC_WITH_FUSED"]),
+              ("mtpspec_ops_v3_plain", [_CPP, _BINDINGS], [])]
+    for name, sources, defines in builds:
+        try:
+            from torch.utils.cpp_extension import load_inline
+
+            return load_inline(
+                name=name,
+                cpp_sources=sources,
+                extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-std=c++17",
+                              "-ffp-contract=off", *defines],
+            )
+        except (RuntimeError, OSError, ImportError) as err:  # no compiler / ninja / AVX2 toolchain
+            what = "fused layers" if defines else "AVX2 kernels"
+            fallback = "the Python layers" if defines else "F.linear"
+            warnings.warn(f"mtpspec.ops: {what} unavailable ({err}); using {fallback}")
+    return None
+
+
+def fused_extension():
+    """The extension if it holds the fused layers (``mtpspec.fused``), else None."""
+    ext = _extension()
+    return ext if ext is not None and hasattr(ext, "Gemma3Stack") else None
 
 
 def kernels_available() -> bool:
@@ -370,6 +481,12 @@ class PackedLinear(nn.Module):
             return cls(_to_panels(q), scale, n, k, fmt, 0)
         return cls(*_pack_int4(w, group_size), n, k, fmt, group_size)
 
+    def kernel_spec(self) -> tuple[Tensor, Tensor, int, int, int, int]:
+        """What the C++ layers of ``mtpspec.fused`` take: (packed, scales, format code, out, in,
+        group size)."""
+        return (self.packed, self.scales, _FMT_CODE[self.fmt], self.out_features, self.in_features,
+                self.group_size)
+
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.packed, self.scales))
@@ -388,6 +505,10 @@ class PackedLinear(nn.Module):
     @torch.no_grad()
     def rows(self, idx: Tensor) -> Tensor:  # [L] int -> [L, in] f32, dequantized rows of W
         idx = idx.to(torch.long).reshape(-1)
+        ext = _extension()
+        if ext is not None and idx.device.type == "cpu" and self.packed.device.type == "cpu":
+            return ext.packed_rows(idx.contiguous(), self.packed, self.scales, _FMT_CODE[self.fmt],
+                                   self.out_features, self.in_features, self.group_size)
         p, j = idx // _PANEL, idx % _PANEL  # panel and lane of each row
         if self.fmt == "fp32":
             return self.packed[p, :, j]

@@ -9,7 +9,15 @@ import pytest
 import torch
 
 from mtpspec.bench import report
-from mtpspec.bench.methods import EngineMethod, HFMethod, Run, build_hf_model
+from mtpspec.bench.methods import (
+    METHODS,
+    EngineMethod,
+    HFMethod,
+    Run,
+    build_hf_model,
+    build_methods,
+    method_problem,
+)
 from mtpspec.bench.prompts import (
     BUILTIN_PROMPTS,
     BenchPrompt,
@@ -23,11 +31,13 @@ from mtpspec.bench.runner import BenchConfig, run_bench
 from mtpspec.engine import Engine
 from mtpspec.models.gemma3 import random_weights
 from mtpspec.proposers.draft_model import DraftModelProposer
+from mtpspec.proposers.factory import ProposerRequest
 from mtpspec.proposers.ngram import NgramProposer
+from mtpspec.runtime import load_target
 from mtpspec.sampling import SamplingParams
 
 from conftest import tiny_model
-from tiny_hf import ByteTokenizer
+from tiny_hf import ByteTokenizer, write_tiny_hf_model
 
 MT_BENCH = [
     '{"question_id": 81, "category": "writing", "turns": ["Write a poem.", "Now shorter."]}',
@@ -262,3 +272,21 @@ def test_hf_methods_match_plain_on_the_same_weights(target):
         assert result["mismatches"] == 0, name
         assert result["tau"] >= 1.0 and result["acceptance_rate"] is None
         assert result["extra_memory_bytes"] > 0
+
+
+@pytest.mark.hf
+def test_hf_methods_are_built_by_name_in_their_dtype(tmp_path):
+    pytest.importorskip("transformers")
+    assert "hf-bf16" in METHODS and method_problem("hf-bf16") is None
+    target = load_target(write_tiny_hf_model(tmp_path / "tiny"), "fp32")
+    fp32, bf16 = build_methods(["hf", "hf-bf16"], (2,), target, ProposerRequest())
+    assert (fp32.name, bf16.name) == ("hf", "hf-bf16") and bf16.base == "hf-bf16"
+    assert {p.dtype for p in fp32.model.parameters()} == {torch.float32}
+    assert {p.dtype for p in bf16.model.parameters()} == {torch.bfloat16}
+    assert 2 * bf16.extra_memory_bytes == fp32.extra_memory_bytes
+    doc = report.summarize(run_bench([EngineMethod("plain", "plain", Engine(target.model), None),
+                                      fp32, bf16], PROMPTS, prompt_ids(),
+                                     BenchConfig(max_new_tokens=8)))
+    assert doc["results"]["hf"]["mismatches"] == 0
+    outputs = doc["results"]["hf-bf16"]["outputs"]
+    assert all(o["token_ids"] and o["decode_s"] > 0 for o in outputs)

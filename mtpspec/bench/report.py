@@ -7,7 +7,8 @@ same process), and nothing here times anything.
 JSON document (``mtpspec bench --json OUT``; the last line of stdout is the same document)::
 
     benchmark        "mtpspec-bench"; version: 1
-    model, weights   the target (name, weight format); hf methods always use float32 weights
+    model, weights   the target (name, weight format); hf and hf-lookup use float32 weights, hf-bf16
+                     bfloat16
     settings         max_new_tokens, temperature, top_k, top_p, seed, batch_size, greedy (bool),
                      draft_ks (list), warmup (bool)
     prompts          {"source": file or "builtin", "count": n, "categories": {category: n}}
@@ -15,7 +16,8 @@ JSON document (``mtpspec bench --json OUT``; the last line of stdout is the same
     peak_rss_bytes   the process's resident-memory high-water mark (process-wide: all methods)
     wall_s           seconds for warm-up plus all runs
     results[method]:
-      method            the base method ("plain", "ngram", "draft-model", "mtp", "hf", "hf-lookup")
+      method            the base method ("plain", "ngram", "draft-model", "mtp", "hf", "hf-bf16",
+                        "hf-lookup")
       draft_k           draft length (hf-lookup: prompt_lookup_num_tokens; null without drafting)
       tokens            generated tokens over all prompts
       tokens_per_s      decode-only throughput: tokens after the first / time after the first token

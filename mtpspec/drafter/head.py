@@ -166,19 +166,23 @@ class MTPHead(nn.Module):
                                                                    cfg.vocab_size)))
         self._rope: dict = {}
 
-    def rope(self, positions: torch.Tensor, is_global: bool):
-        """cos/sin ``[B, T, 1, Dh]`` for query positions ``[B, T]``."""
-        needed = int(positions.max()) + 1
+    def rope_tables(self, needed: int, is_global: bool, device: torch.device):
+        """Whole cos/sin tables ``[len >= needed, Dh]`` for one attention type."""
         cached = self._rope.get(is_global)
-        if cached is None or cached[0].shape[0] < needed or cached[0].device != positions.device:
+        if cached is None or cached[0].shape[0] < needed or cached[0].device != device:
             cfg = self.cfg
             length = max(needed, 2048, 2 * (cached[0].shape[0] if cached else 0))
             theta = cfg.rope_theta_global if is_global else cfg.rope_theta_local
             factor = cfg.rope_scaling_factor if is_global else 1.0
             cos, sin = rotary_tables(theta, cfg.head_dim, length, factor)
-            cached = (cos.to(positions.device), sin.to(positions.device))
+            cached = (cos.to(device), sin.to(device))
             self._rope[is_global] = cached
-        return cached[0][positions].unsqueeze(2), cached[1][positions].unsqueeze(2)
+        return cached
+
+    def rope(self, positions: torch.Tensor, is_global: bool):
+        """cos/sin ``[B, T, 1, Dh]`` for query positions ``[B, T]``."""
+        cos, sin = self.rope_tables(int(positions.max()) + 1, is_global, positions.device)
+        return cos[positions].unsqueeze(2), sin[positions].unsqueeze(2)
 
     def step(self, token_embeds: torch.Tensor, hidden: torch.Tensor, query_positions: torch.Tensor,
              context_end: torch.Tensor, kv: list[tuple[torch.Tensor, torch.Tensor]],

@@ -11,19 +11,25 @@ Weights are held as ``PackedLinear`` layers (fp32, bf16, int8 or int4 storage, f
 q/k/v and gate/up are fused into one product each, because at M <= 9 rows every product costs a
 read of its weight plus a fixed dispatch overhead. This module knows nothing about drafting; it
 writes the cache slots of the positions it is given and never changes sequence lengths.
+
+Inference on the CPU (packed formats, no autograd) runs the whole stack in one C++ call
+(``mtpspec.fused``); the Python layers below are the reference, and what ``dense`` weights,
+training and other devices use. ``use_fused = False`` forces the Python path.
 """
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mtpspec import fused
 from mtpspec.config import ModelConfig
 from mtpspec.kv_cache import CacheFullError, KVCache
 from mtpspec.models.dense import DenseLinear
-from mtpspec.ops import PackedLinear
+from mtpspec.ops import FORMATS, PackedLinear
 
 
 def make_linear(weight: torch.Tensor, fmt: str):
@@ -138,6 +144,13 @@ class Gemma3Model(nn.Module):
         self.embed_scale = float(torch.tensor(math.sqrt(config.hidden_size), dtype=torch.float32))
         self._rope_len = 0
         self._rope: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.use_fused = True  # CPU inference through mtpspec.fused when it applies
+        self._fused: fused.FusedGemma3 | None | bool = None  # built on first use; False: failed
+
+    def __getstate__(self):
+        state = super().__getstate__().copy()
+        state["_fused"] = None  # a C++ object: rebuilt after loading
+        return state
 
     def new_cache(self, batch_size: int = 1, max_len: int = 4096) -> KVCache:
         return KVCache(self.config, batch_size, min(max_len, self.config.max_position_embeddings),
@@ -187,6 +200,13 @@ class Gemma3Model(nn.Module):
         if int(positions.min()) < 0:
             raise CacheFullError("positions must be non-negative")
         tables = self._rope_tables(last, positions.device)
+        stack = self._fused_stack(token_ids, cache)
+        if stack is not None:
+            hidden = stack.forward(token_ids, positions, cache, tables)  # [B, T, d]
+            if num_logits == 0:
+                return None, hidden
+            tail = hidden if num_logits is None else hidden[:, -num_logits:]
+            return self.lm_head(tail), hidden
         x = self.embed_tokens(token_ids)  # [B, T, d]
         rope = {kind: (cos[positions].unsqueeze(2), sin[positions].unsqueeze(2))
                 for kind, (cos, sin) in tables.items()}
@@ -199,6 +219,21 @@ class Gemma3Model(nn.Module):
             return None, hidden
         tail = hidden if num_logits is None else hidden[:, -num_logits:]
         return self.lm_head(tail), hidden
+
+    def _fused_stack(self, token_ids: torch.Tensor, cache: KVCache) -> fused.FusedGemma3 | None:
+        """The C++ stack if this call can use it: packed weights, CPU, float32 cache, no autograd."""
+        if not (self.use_fused and self.weight_format in FORMATS and not torch.is_grad_enabled()
+                and token_ids.device.type == "cpu" and cache.k.device.type == "cpu"
+                and cache.k.dtype == torch.float32 and cache.k.is_contiguous()):
+            return None
+        if self._fused is None:
+            self._fused = False
+            if fused.available():
+                try:
+                    self._fused = fused.FusedGemma3(self)
+                except RuntimeError as err:  # a layout the C++ layers do not take
+                    warnings.warn(f"fused layers unavailable for this model ({err}); using Python")
+        return self._fused or None
 
     def _mask(self, positions: torch.Tensor, end: int, is_global: bool):
         """Visible key slots for each query: causal, and within the window on local layers."""

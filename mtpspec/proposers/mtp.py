@@ -7,13 +7,21 @@ target's own tied embedding, used three ways (``DrafterConfig.head``):
 - ``clustered``: score C centroids, keep the top-m clusters, exact logits for their tokens only,
   -inf for every other token;
 - ``frequency``: exact logits over a fixed set of the most frequent tokens.
+
+On the CPU with a packed target, each draft step (and the clustered head) runs in C++
+(``fused.FusedDrafter``, weights packed once at construction); ``DraftHeadLogits`` and
+``MTPHead.step`` are the reference it must match, and what runs everywhere else.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
+from mtpspec import fused
 from mtpspec.drafter.head import MTPHead
 from mtpspec.models.gemma3 import Gemma3Model
+from mtpspec.ops import FORMATS
 from mtpspec.proposers.base import Draft, DraftState
 from mtpspec.sampling import logits_to_probs, sample
 
@@ -57,10 +65,22 @@ class DraftHeadLogits:
 class MTPProposer:
     name = "mtp"
 
-    def __init__(self, head: MTPHead, target: Gemma3Model, head_kind: str | None = None):
+    def __init__(self, head: MTPHead, target: Gemma3Model, head_kind: str | None = None,
+                 use_fused: bool = True):
         self.head = head.eval()
         self.target = target
         self.logits = DraftHeadLogits(head, target, head_kind)
+        self.fused = self._build_fused() if use_fused else None
+
+    def _build_fused(self) -> fused.FusedDrafter | None:
+        on_cpu = all(p.device.type == "cpu" for p in self.head.parameters())
+        if not (on_cpu and self.target.weight_format in FORMATS and fused.available()):
+            return None
+        try:
+            return fused.FusedDrafter(self.head, self.target, self.logits.kind)
+        except RuntimeError as err:  # a layout the C++ layers do not take
+            warnings.warn(f"fused draft step unavailable ({err}); using the Python head")
+            return None
 
     def reset(self) -> None:
         pass
@@ -69,25 +89,38 @@ class MTPProposer:
     def propose(self, state: DraftState, k: int) -> Draft:
         head, cache, cfg = self.head, state.cache, self.head.cfg
         batch = len(state.tokens)
+        cpu_cache = cache.k.device.type == "cpu" and cache.k.dtype == torch.float32
+        fast = self.fused if cpu_cache and cache.k.is_contiguous() else None
         pending = torch.tensor([t[-1] for t in state.tokens])  # [B]
         positions = state.positions  # [B] position of the pending token; slots < it are valid
-        end = int(positions.max())
-        start = max(0, int(positions.min()) - cfg.sliding_window) if all(
-            not g for g in cfg.layer_is_global) else 0
-        kv = [(cache.k[layer, :batch, :, start:end], cache.v[layer, :batch, :, start:end])
-              for layer in cfg.target_layers]
-        h = state.hidden[:, None]  # [B, 1, d]
+        if fast is None:
+            end = int(positions.max())
+            start = max(0, int(positions.min()) - cfg.sliding_window) if all(
+                not g for g in cfg.layer_is_global) else 0
+            kv = [(cache.k[layer, :batch, :, start:end], cache.v[layer, :batch, :, start:end])
+                  for layer in cfg.target_layers]
+        h = state.hidden  # [B, d]
         token = pending
         tokens = torch.zeros(batch, k, dtype=torch.long)
         probs = None if state.params.greedy else torch.zeros(batch, k, cfg.vocab_size)
         for i in range(k):
             query = positions if cfg.constant_positions else positions + i
-            embeds = self.target.embed_tokens(token)[:, None]  # [B, 1, d]
-            h = head.step(embeds, h, query[:, None], positions[:, None], kv, key_start=start)
-            logits, ids = self.logits(h[:, 0])
+            if fast is not None:
+                h = fast.step(token, h, query, positions, cache)  # [B, d]
+            else:
+                embeds = self.target.embed_tokens(token)[:, None]  # [B, 1, d]
+                h = head.step(embeds, h[:, None], query[:, None], positions[:, None], kv,
+                              key_start=start)[:, 0]
+            best = None
+            if fast is not None and fast.clustered_head:
+                best, logits, ids = fast.clustered(h, want_logits=not state.params.greedy)
+            else:
+                logits, ids = self.logits(h)
             if state.params.greedy:
-                best = logits.argmax(-1)
-                token = best if ids is None else ids.gather(1, best[:, None]).squeeze(1)
+                if best is None:
+                    best = logits.argmax(-1)
+                    best = best if ids is None else ids.gather(1, best[:, None]).squeeze(1)
+                token = best
             else:
                 q = logits_to_probs(self.logits.to_full(logits, ids), state.params)
                 probs[:, i] = q
