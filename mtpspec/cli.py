@@ -97,7 +97,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_flags(bench)
     _add_sampling_flags(bench, max_new_tokens=64)
     bench.set_defaults(handler=cmd_bench)
+
+    from mtpspec.drafter.recipe import add_arguments as add_train_arguments
+
+    train = commands.add_parser("train", help="retrofit an MTP drafter onto a frozen target")
+    add_train_arguments(train)
+    train.set_defaults(handler=cmd_train)
     return parser
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from mtpspec.drafter.recipe import run
+
+    for source in args.prompts:
+        if source != "sharegpt" and not Path(source).is_file():
+            raise UsageError(f"prompt file not found: {source}")
+    if args.prompt_ids is not None and not args.prompt_ids.is_file():
+        raise UsageError(f"prompt-ids file not found: {args.prompt_ids}")
+    run(args, log=lambda line: print(line, file=sys.stderr, flush=True))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
