@@ -721,17 +721,19 @@ def cluster_ordered(embed: PackedLinear, clusters: Tensor, chunk: int = 32_768) 
 
 
 class FusedDrafter:
-    """One MTP draft step (``MTPHead.step`` for one query per sequence) and the clustered LM head,
-    in C++. The head's float weights are packed once here (``fmt``, fp32 by default: exact)."""
+    """One MTP draft step (``MTPHead.step`` for one query per sequence) and the clustered or
+    frequency LM head, in C++. The head's float weights are packed once here in ``weights`` (fp32 by
+    default: the reference's numbers; bf16 halves the bytes a step reads, at bf16 rounding)."""
 
-    def __init__(self, head, target, kind: str, fmt: str = "fp32"):
+    def __init__(self, head, target, kind: str, weights: str = "fp32"):
         ext = ops.fused_extension()
         if ext is None:
             raise RuntimeError("the fused C++ layers are not available")
         cfg = head.cfg
 
         def pack(linear) -> tuple:
-            return PackedLinear.from_weight(linear.weight.detach().float().cpu(), fmt).kernel_spec()
+            return PackedLinear.from_weight(linear.weight.detach().float().cpu(),
+                                            weights).kernel_spec()
 
         def scale(norm) -> Tensor:
             return (1.0 + norm.weight.detach().float().cpu()).contiguous()
@@ -747,6 +749,11 @@ class FusedDrafter:
         norms += [scale(head.norm), scale(head.out_norm)]
         size = cfg.vocab_size // cfg.num_clusters
         members = torch.empty(0, dtype=torch.long)
+        self.kind = kind
+        self.frequent = None  # frequency head: the frequent tokens' rows, packed like the target's
+        if kind == "frequency":
+            self.frequent_ids = head.frequent_tokens.detach().cpu()  # [N]
+            self.frequent = cluster_ordered(target.embed, self.frequent_ids[None])
         if kind == "clustered":
             members = head.token_ordering.detach().cpu().view(cfg.num_clusters, size).contiguous()
             centroids = PackedLinear.from_weight(head.centroids.detach().float().cpu(), "fp32")
@@ -756,7 +763,6 @@ class FusedDrafter:
                 -(-size // 16) * 16]
         reals = [cfg.rms_norm_eps, cfg.query_scale, target.embed_scale]
         self.head = head
-        self.clustered_head = kind == "clustered"
         self._stack = ext.DraftStack(dims, reals, list(cfg.target_layers),
                                      list(cfg.layer_is_global), linears, norms, members)
 
@@ -777,3 +783,9 @@ class FusedDrafter:
         best, logits, ids = self._stack.clustered(hidden.contiguous(), want_logits,
                                                   ops.get_num_threads())
         return (best, logits, ids) if want_logits else (best, None, None)
+
+    def frequency(self, hidden: Tensor) -> tuple[Tensor, Tensor]:
+        """h' [B, d_t] -> (logits [B, N] of the frequent tokens, their ids [B, N])."""
+        count = self.frequent_ids.numel()
+        logits = self.frequent(hidden)[:, :count]
+        return logits, self.frequent_ids.expand(hidden.shape[0], -1)

@@ -36,9 +36,15 @@ Measured (bench/kernels.py; medians, rotating >96 MB of weight copies so L3 cann
   brackets): M=1 fp32 49 [34], bf16 29 [17], int8 25 [8.6], int4 26 [5.4]; M=4 54 / 36 / 25 / 28;
   M=8 71 / 49 / 44 / 55; F.linear fp32: 54 / 172 / 146. int8 is the fastest at M>=2 (int4's
   unpacking costs more than its smaller read once compute-bound); int4 is for memory.
-- Threads: default 1. With ``set_num_threads(2)`` the helper gains up to ~1.5x on the head when the
-  second vCPU is free and never falls into the 16 ms trap, but a spinning helper competes with the
-  caller when other processes hold the other vCPU; measure on the target box before switching.
+- Threads: default 2 (or the CPUs this process may use, if fewer). On the quiet box (2026-11-27,
+  int8, fused stack) 2 threads take a one-token forward from 22.7 to 13.2 ms and M=5 from 47 to
+  23 ms. When another process holds the second vCPU, a helper that claimed a chunk and got
+  descheduled made the caller wait a scheduler slice (2 threads were 30-60% slower than 1); the
+  pool now notices such a wait and runs the caller alone for 50 ms (``set_backoff_ms``), which
+  brings 2 threads back to 1-thread speed or better under that load.
+- Building this module's kernels together with ``mtpspec.fused``'s C++ changed GCC's inlining and
+  left the micro-kernel's accumulators on the stack (M >= 4 fell from ~90 to ~33 GFLOP/s); the
+  micro-kernel is now out of line with forced unrolling, so its code no longer depends on callers.
 
 Formats: fp32; bf16 (round-to-nearest-even); int8 symmetric per output channel (fp32 scales);
 int4 asymmetric per group of ``group_size`` inputs along K (fp16 scale + fp16 offset, 5 bits/weight
@@ -49,6 +55,7 @@ Must not: hold an unpacked copy of the weight, or need autograd (inference only)
 from __future__ import annotations
 
 import functools
+import os
 import warnings
 
 import torch
@@ -104,16 +111,20 @@ static inline void load_w(const uint8_t* w, int64_t k, __m256& w0, __m256& w1, c
 }
 
 // y[r, 0:16] = sum_k x[r, k] * W[panel][k, 0:16] for r < MR, with KU independent k-streams.
+// Kept out of line with its loops fully unrolled, so that the accumulators stay in registers
+// whatever the callers look like (inlined into a large caller, GCC kept them on the stack: 2.5x
+// slower at MR >= 4).
+#define MTP_UNROLL _Pragma("GCC unroll 16")
 template <int FMT, int MR, int KU>
-static void micro(const Job& j, int64_t p, int64_t r0, float* out /*[MR,16]*/) {
+__attribute__((noinline)) static void micro(const Job& j, int64_t p, int64_t r0, float* out /*[MR,16]*/) {
   const int64_t K = j.K;
   const uint8_t* w = j.w;
   const float* x = j.x + r0 * K;
   const int64_t esize = FMT == F32 ? 64 : FMT == BF16 ? 32 : FMT == I8 ? 16 : 8;
   w += p * K * esize;
   __m256 acc[KU][MR][2];
-  for (int u = 0; u < KU; ++u)
-    for (int r = 0; r < MR; ++r) acc[u][r][0] = acc[u][r][1] = _mm256_setzero_ps();
+  MTP_UNROLL for (int u = 0; u < KU; ++u)
+    MTP_UNROLL for (int r = 0; r < MR; ++r) acc[u][r][0] = acc[u][r][1] = _mm256_setzero_ps();
   const int64_t G = FMT == I4 ? j.G : K;
   const int64_t ng = (K + G - 1) / G;
   const uint16_t* sp = FMT == I4 ? reinterpret_cast<const uint16_t*>(j.s) + p * ng * 32 : nullptr;
@@ -126,10 +137,10 @@ static void micro(const Job& j, int64_t p, int64_t r0, float* out /*[MR,16]*/) {
     const int64_t k0 = g * G, k1 = std::min(K, k0 + G);
     int64_t k = k0;
     for (; k + KU <= k1; k += KU) {
-      for (int u = 0; u < KU; ++u) {
+      MTP_UNROLL for (int u = 0; u < KU; ++u) {
         __m256 w0, w1;
         load_w<FMT>(w, k + u, w0, w1, sb);
-        for (int r = 0; r < MR; ++r) {
+        MTP_UNROLL for (int r = 0; r < MR; ++r) {
           __m256 xb = _mm256_broadcast_ss(x + r * K + k + u);
           acc[u][r][0] = _mm256_fmadd_ps(xb, w0, acc[u][r][0]);
           acc[u][r][1] = _mm256_fmadd_ps(xb, w1, acc[u][r][1]);
@@ -139,7 +150,7 @@ static void micro(const Job& j, int64_t p, int64_t r0, float* out /*[MR,16]*/) {
     for (; k < k1; ++k) {
       __m256 w0, w1;
       load_w<FMT>(w, k, w0, w1, sb);
-      for (int r = 0; r < MR; ++r) {
+      MTP_UNROLL for (int r = 0; r < MR; ++r) {
         __m256 xb = _mm256_broadcast_ss(x + r * K + k);
         acc[0][r][0] = _mm256_fmadd_ps(xb, w0, acc[0][r][0]);
         acc[0][r][1] = _mm256_fmadd_ps(xb, w1, acc[0][r][1]);
@@ -151,9 +162,9 @@ static void micro(const Job& j, int64_t p, int64_t r0, float* out /*[MR,16]*/) {
     const float* sc = reinterpret_cast<const float*>(j.s) + p * 16;
     sc0 = _mm256_loadu_ps(sc); sc1 = _mm256_loadu_ps(sc + 8);
   }
-  for (int r = 0; r < MR; ++r) {
+  MTP_UNROLL for (int r = 0; r < MR; ++r) {
     __m256 a0 = acc[0][r][0], a1 = acc[0][r][1];
-    for (int u = 1; u < KU; ++u) { a0 = _mm256_add_ps(a0, acc[u][r][0]); a1 = _mm256_add_ps(a1, acc[u][r][1]); }
+    MTP_UNROLL for (int u = 1; u < KU; ++u) { a0 = _mm256_add_ps(a0, acc[u][r][0]); a1 = _mm256_add_ps(a1, acc[u][r][1]); }
     if constexpr (FMT == I8) { a0 = _mm256_mul_ps(a0, sc0); a1 = _mm256_mul_ps(a1, sc1); }
     _mm256_storeu_ps(out + r * 16, a0); _mm256_storeu_ps(out + r * 16 + 8, a1);
   }
@@ -224,15 +235,25 @@ static int64_t nhelpers_started = 0;
 static std::atomic<bool> stop{false};
 static std::atomic<int64_t> spin_us{200};
 static uint64_t gen = 0;
+// stall back-off: when the caller has to wait long for a chunk a helper claimed (the helper was
+// descheduled: another process holds its core), jobs run on the caller alone for a while
+static std::atomic<int64_t> backoff_ms{50};
+static int64_t solo_until_ns = 0;
 
-static bool try_one() {
+static inline int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+      std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+enum { NONE_LEFT = 0, RAN = 1, RETRY = 2 };
+static int try_one() {
   uint64_t t = ticket.load(std::memory_order_acquire);
   const uint64_t n = (t >> 20) & kMask, i = t & kMask;
-  if (i >= n) return false;
-  if (!ticket.compare_exchange_weak(t, t + 1, std::memory_order_acq_rel)) return true;
+  if (i >= n) return NONE_LEFT;
+  if (!ticket.compare_exchange_weak(t, t + 1, std::memory_order_acq_rel)) return RETRY;
   task_fn(task_ctx, (int64_t)i);
   done.fetch_add(1, std::memory_order_release);
-  return true;
+  return RAN;
 }
 
 static void helper_loop() {
@@ -260,11 +281,15 @@ static void ensure(int64_t nhelpers) {
 }
 
 static void run(TaskFn fn, const void* ctx, int64_t nchunks, int64_t threads) {
-  if (threads <= 1 || nchunks <= 1) {
+  std::unique_lock<std::mutex> call_lk(call_mu, std::defer_lock);
+  if (threads > 1 && nchunks > 1) {
+    call_lk.lock();
+    if (backoff_ms.load(std::memory_order_relaxed) > 0 && now_ns() < solo_until_ns) call_lk.unlock();
+  }
+  if (!call_lk.owns_lock()) {
     for (int64_t c = 0; c < nchunks; ++c) fn(ctx, c);
     return;
   }
-  std::lock_guard<std::mutex> call_lk(call_mu);
   ensure(threads - 1);
   task_fn = fn;
   task_ctx = ctx;
@@ -273,8 +298,14 @@ static void run(TaskFn fn, const void* ctx, int64_t nchunks, int64_t threads) {
   ticket.store(gen << 40 | (uint64_t)nchunks << 20, std::memory_order_release);
   { std::lock_guard<std::mutex> lk(mu); }
   cv.notify_all();
-  while (try_one()) {}
+  const int64_t t0 = now_ns();
+  int64_t mine = 0;
+  for (int r; (r = try_one()) != NONE_LEFT;) mine += r == RAN;
+  const int64_t t1 = now_ns();
   while (done.load(std::memory_order_acquire) < nchunks) _mm_pause();
+  const int64_t waited = now_ns() - t1, per_chunk = (t1 - t0) / std::max<int64_t>(mine, 1);
+  if (waited > std::max<int64_t>(200000, 8 * per_chunk))
+    solo_until_ns = now_ns() + backoff_ms.load(std::memory_order_relaxed) * 1000000;
 }
 }  // namespace pool
 
@@ -362,6 +393,7 @@ torch::Tensor packed_linear(torch::Tensor x, torch::Tensor w, torch::Tensor s, i
 }
 
 void set_spin_us(int64_t us) { pool::spin_us.store(us); }
+void set_backoff_ms(int64_t ms) { pool::backoff_ms.store(ms); }
 """
 
 # Python bindings; the fused layers (mtpspec.fused) add theirs through register_fused when built
@@ -373,6 +405,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("packed_linear", &packed_linear);
   m.def("packed_rows", &packed_rows);
   m.def("set_spin_us", &set_spin_us);
+  m.def("set_backoff_ms", &set_backoff_ms);
 #ifdef MTPSPEC_WITH_FUSED
   register_fused(m);
 #endif
@@ -381,7 +414,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 
 
 def set_num_threads(n: int) -> None:
-    """Threads the packed kernels use (default 1). n > 1 starts n-1 helper threads that claim
+    """Threads the packed kernels use (default 2). n > 1 starts n-1 helper threads that claim
     chunks of output panels; the caller never waits for a helper that has not started one, so a
     helper starved by another process costs at most the chunk it holds (~64 KB of weight)."""
     global _THREADS
@@ -395,7 +428,24 @@ def set_spin_us(us: int) -> None:
         ext.set_spin_us(int(us))
 
 
-_THREADS = 1
+def set_backoff_ms(ms: int) -> None:
+    """After the caller waited > 200 us (and > 8 of its own chunks) for a chunk a helper had
+    claimed, which happens when another process holds the helper's core, run the kernels on the
+    caller alone for ``ms`` milliseconds (default 50; 0 never backs off)."""
+    ext = _extension()
+    if ext is not None:
+        ext.set_backoff_ms(int(ms))
+
+
+def _default_threads() -> int:
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(1, min(2, cpus))
+
+
+_THREADS = _default_threads()
 _CHUNK_BYTES = 64 * 1024  # weight bytes per work item handed to a thread
 _FMT_CODE = {"fp32": 0, "bf16": 1, "int8": 2, "int4": 3}
 _PANEL = 16  # output channels per packed panel
@@ -411,25 +461,24 @@ def _extension():
 
     One extension holds these kernels and the fused decoder layers of ``mtpspec.fused`` (so they
     share one thread pool); if the fused part does not build, the plain kernels are built alone."""
-    from mtpspec.fused import CPP as fused_cpp  # noqa: PLC0415 - fused imports this module
+    flags = ["-O3", "-mavx2", "-mfma", "-mf16c", "-std=c++17", "-ffp-contract=off"]
+    try:
+        from torch.utils.cpp_extension import load_inline
 
-    builds = [("mtpspec_ops_v3", [_CPP, fused_cpp, _BINDINGS], ["-DMTPSPEC_WITH_FUSED"]),
-              ("mtpspec_ops_v3_plain", [_CPP, _BINDINGS], [])]
-    for name, sources, defines in builds:
-        try:
-            from torch.utils.cpp_extension import load_inline
+        from mtpspec.fused import CPP as fused_cpp  # noqa: PLC0415 - fused imports this module
 
-            return load_inline(
-                name=name,
-                cpp_sources=sources,
-                extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-std=c++17",
-                              "-ffp-contract=off", *defines],
-            )
-        except (RuntimeError, OSError, ImportError) as err:  # no compiler / ninja / AVX2 toolchain
-            what = "fused layers" if defines else "AVX2 kernels"
-            fallback = "the Python layers" if defines else "F.linear"
-            warnings.warn(f"mtpspec.ops: {what} unavailable ({err}); using {fallback}")
-    return None
+        return load_inline(name="mtpspec_ops_v3", cpp_sources=[_CPP, fused_cpp, _BINDINGS],
+                           extra_cflags=[*flags, "-DMTPSPEC_WITH_FUSED"])
+    except (RuntimeError, OSError, ImportError) as err:  # no compiler / ninja / AVX2 toolchain
+        warnings.warn(f"mtpspec.ops: fused layers unavailable ({err}); using the Python layers")
+    try:
+        from torch.utils.cpp_extension import load_inline
+
+        return load_inline(name="mtpspec_ops_v3_plain", cpp_sources=[_CPP, _BINDINGS],
+                           extra_cflags=flags)
+    except (RuntimeError, OSError, ImportError) as err:
+        warnings.warn(f"mtpspec.ops: AVX2 kernels unavailable ({err}); using F.linear fallback")
+        return None
 
 
 def fused_extension():

@@ -4,7 +4,8 @@ the MTP proposer (greedy equality and a distribution test for sampling), and ``e
 
 Tiny random targets: ``fmt="dense"`` for training (autograd-friendly), the packed fp32 model for
 inference. The shared head is trained for a few dozen steps so that its drafts are sometimes
-accepted and sometimes rejected: both paths of verification get exercised.
+accepted and sometimes rejected: both paths of verification get exercised. The proposer tests run
+the fused C++ draft step (the default on a packed CPU target) and the Python reference alike.
 """
 from __future__ import annotations
 
@@ -294,13 +295,16 @@ def plain_greedy(target):
     return prompts, [Engine(target).generate([p], options)[0].token_ids for p in prompts]
 
 
+@pytest.mark.parametrize("use_fused", [True, False], ids=["fused", "python"])
 @pytest.mark.parametrize("constant_positions", [True, False])
 @pytest.mark.parametrize("kind", HEAD_KINDS)
 def test_mtp_greedy_speculative_equals_plain(target, trained_head, plain_greedy, kind,
-                                             constant_positions):
+                                             constant_positions, use_fused):
     prompts, expected = plain_greedy
     head = with_config(trained_head, constant_positions=constant_positions)
-    engine = Engine(target, proposer=MTPProposer(head, target, kind))
+    proposer = MTPProposer(head, target, kind, use_fused=use_fused)
+    assert (proposer.fused is not None) == use_fused  # the packed CPU target takes the C++ step
+    engine = Engine(target, proposer=proposer)
     accepted = drafted = 0
     for k in (1, 2, 4, 6):
         options = GenerateOptions(max_new_tokens=20, ignore_eos=True, draft_k=k)
@@ -335,8 +339,9 @@ def next_token_probs(model, prefixes: list[list[int]], params: SamplingParams) -
     return logits_to_probs(logits[:, -1], params)
 
 
-@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9)])
-def test_mtp_sampling_keeps_the_target_distribution(temperature, top_p):
+@pytest.mark.parametrize("temperature,top_p,use_fused", [(1.0, 1.0, True), (0.7, 0.9, True),
+                                                         (0.7, 0.9, False)])
+def test_mtp_sampling_keeps_the_target_distribution(temperature, top_p, use_fused):
     """Tokens 2 and 3 come from the first draft-and-verify step (token 1 from the prefill)."""
     vocab = 12
     target = tiny_model(seed=5, vocab_size=vocab)
@@ -355,7 +360,7 @@ def test_mtp_sampling_keeps_the_target_distribution(temperature, top_p):
     p3 = next_token_probs(target, [prompt + [a, b] for a in range(vocab) for b in range(vocab)],
                           params).view(vocab, vocab, vocab)
     expected = (p1[:, None, None] * p2[:, :, None] * p3).sum(0).flatten()  # [V*V]
-    proposer = Recording(MTPProposer(head, target, "clustered"))
+    proposer = Recording(MTPProposer(head, target, "clustered", use_fused=use_fused))
     trials = 6000
     options = GenerateOptions(max_new_tokens=4, sampling=params, ignore_eos=True, draft_k=2)
     results = Engine(target, proposer=proposer).generate([prompt] * trials, options)
@@ -384,14 +389,15 @@ def test_mtp_sampling_keeps_the_target_distribution(temperature, top_p):
 
 # --- evaluation ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kind", ["clustered", "full"])
-def test_evaluate_equals_leading_matches_of_the_proposer(target, trained_head, kind):
+@pytest.mark.parametrize("kind,use_fused", [("clustered", True), ("full", True),
+                                            ("clustered", False)])
+def test_evaluate_equals_leading_matches_of_the_proposer(target, trained_head, kind, use_fused):
     """evaluate()'s tau@k is 1 + mean(min(leading matches, k)) over every position P of
     target-greedy sequences; recount the matches with the proposer itself, one P at a time."""
     starts = [[2], [7], [100], [311]]
     held_out = [s + r for s, r in zip(starts, generate_batch(target, starts, 24, SamplingParams()))]
     result = evaluate(trained_head, target, held_out, max_k=MAX_K, head_kind=kind)
-    proposer = MTPProposer(trained_head, target, kind)
+    proposer = MTPProposer(trained_head, target, kind, use_fused=use_fused)
     runs = []
     for seq in held_out:  # every token after the first is the target's greedy choice
         for p in range(1, len(seq) - MAX_K):

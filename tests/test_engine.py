@@ -126,8 +126,10 @@ def test_seeded_sampling_is_reproducible(tiny, tiny_drafter_model):
 
 
 def _joint_counts(engine, prompt, params, trials, vocab):
-    options = GenerateOptions(max_new_tokens=2, sampling=params, ignore_eos=True, draft_k=2)
+    # 4 tokens: the first comes from prefill, then a step drafts k=2 for tokens 2 and 3
+    options = GenerateOptions(max_new_tokens=4, sampling=params, ignore_eos=True, draft_k=2)
     results = engine.generate([prompt] * trials, options)
+    assert sum(r.stats.draft_proposed for r in results) >= trials  # speculation really ran
     counts = torch.zeros(vocab * vocab)
     for r in results:
         counts[r.token_ids[0] * vocab + r.token_ids[1]] += 1

@@ -28,7 +28,7 @@ def balanced_kmeans(rows: torch.Tensor, num_clusters: int, iters: int = 6, seed:
         centroids = torch.nn.functional.normalize(sums / counts[:, None], dim=-1)
     # balance: each token takes its best cluster among its top candidates that still has room,
     # most confident tokens first; leftovers fill the remaining slots
-    top = 8
+    top = min(8, num_clusters)
     best_scores, best = [], []
     for i in range(0, vocab, chunk):
         s, c = (unit[i:i + chunk] @ centroids.T).topk(top, dim=-1)

@@ -66,18 +66,20 @@ class MTPProposer:
     name = "mtp"
 
     def __init__(self, head: MTPHead, target: Gemma3Model, head_kind: str | None = None,
-                 use_fused: bool = True):
+                 use_fused: bool = True, fused_weights: str = "fp32"):
+        """use_fused: draft in C++ where it applies (CPU, packed target); fused_weights: the
+        format the head's weights are packed in for it (fp32: same numbers as the reference)."""
         self.head = head.eval()
         self.target = target
         self.logits = DraftHeadLogits(head, target, head_kind)
-        self.fused = self._build_fused() if use_fused else None
+        self.fused = self._build_fused(fused_weights) if use_fused else None
 
-    def _build_fused(self) -> fused.FusedDrafter | None:
+    def _build_fused(self, weights: str) -> fused.FusedDrafter | None:
         on_cpu = all(p.device.type == "cpu" for p in self.head.parameters())
         if not (on_cpu and self.target.weight_format in FORMATS and fused.available()):
             return None
         try:
-            return fused.FusedDrafter(self.head, self.target, self.logits.kind)
+            return fused.FusedDrafter(self.head, self.target, self.logits.kind, weights)
         except RuntimeError as err:  # a layout the C++ layers do not take
             warnings.warn(f"fused draft step unavailable ({err}); using the Python head")
             return None
@@ -87,39 +89,18 @@ class MTPProposer:
 
     @torch.inference_mode()
     def propose(self, state: DraftState, k: int) -> Draft:
-        head, cache, cfg = self.head, state.cache, self.head.cfg
-        batch = len(state.tokens)
-        cpu_cache = cache.k.device.type == "cpu" and cache.k.dtype == torch.float32
-        fast = self.fused if cpu_cache and cache.k.is_contiguous() else None
-        pending = torch.tensor([t[-1] for t in state.tokens])  # [B]
+        cfg, batch, greedy = self.head.cfg, len(state.tokens), state.params.greedy
+        fast = self.fused if _fused_cache(state.cache) else None
+        step = self._fused_step(state) if fast is not None else self._reference_step(state)
         positions = state.positions  # [B] position of the pending token; slots < it are valid
-        if fast is None:
-            end = int(positions.max())
-            start = max(0, int(positions.min()) - cfg.sliding_window) if all(
-                not g for g in cfg.layer_is_global) else 0
-            kv = [(cache.k[layer, :batch, :, start:end], cache.v[layer, :batch, :, start:end])
-                  for layer in cfg.target_layers]
+        token = torch.tensor([t[-1] for t in state.tokens])  # [B] the pending token
         h = state.hidden  # [B, d]
-        token = pending
         tokens = torch.zeros(batch, k, dtype=torch.long)
-        probs = None if state.params.greedy else torch.zeros(batch, k, cfg.vocab_size)
+        probs = None if greedy else torch.zeros(batch, k, cfg.vocab_size)
         for i in range(k):
-            query = positions if cfg.constant_positions else positions + i
-            if fast is not None:
-                h = fast.step(token, h, query, positions, cache)  # [B, d]
-            else:
-                embeds = self.target.embed_tokens(token)[:, None]  # [B, 1, d]
-                h = head.step(embeds, h[:, None], query[:, None], positions[:, None], kv,
-                              key_start=start)[:, 0]
-            best = None
-            if fast is not None and fast.clustered_head:
-                best, logits, ids = fast.clustered(h, want_logits=not state.params.greedy)
-            else:
-                logits, ids = self.logits(h)
-            if state.params.greedy:
-                if best is None:
-                    best = logits.argmax(-1)
-                    best = best if ids is None else ids.gather(1, best[:, None]).squeeze(1)
+            h = step(token, h, positions if cfg.constant_positions else positions + i)
+            best, logits, ids = self._head_logits(h, fast, greedy)
+            if greedy:
                 token = best
             else:
                 q = logits_to_probs(self.logits.to_full(logits, ids), state.params)
@@ -127,3 +108,42 @@ class MTPProposer:
                 token = sample(q, state.generator)
             tokens[:, i] = token
         return Draft(tokens=tokens, probs=probs)
+
+    def _fused_step(self, state: DraftState):
+        """(token [B], h [B, d], query positions [B]) -> h' [B, d], in C++."""
+        return lambda token, h, query: self.fused.step(token, h, query, state.positions,
+                                                       state.cache)
+
+    def _reference_step(self, state: DraftState):
+        """The same step through ``MTPHead.step`` (any device, autograd-free here)."""
+        cfg, cache, positions = self.head.cfg, state.cache, state.positions
+        batch = len(state.tokens)
+        end = int(positions.max())
+        start = max(0, int(positions.min()) - cfg.sliding_window) if all(
+            not g for g in cfg.layer_is_global) else 0
+        kv = [(cache.k[layer, :batch, :, start:end], cache.v[layer, :batch, :, start:end])
+              for layer in cfg.target_layers]
+
+        def step(token, h, query):
+            embeds = self.target.embed_tokens(token)[:, None]  # [B, 1, d]
+            return self.head.step(embeds, h[:, None], query[:, None], positions[:, None], kv,
+                                  key_start=start)[:, 0]
+        return step
+
+    def _head_logits(self, h: torch.Tensor, fast, greedy: bool):
+        """h [B, d] -> (greedy token [B] or None, logits [B, N] or None, their ids or None)."""
+        if fast is not None and fast.kind == "clustered":
+            return fast.clustered(h, want_logits=not greedy)
+        if fast is not None and fast.kind == "frequency":
+            logits, ids = fast.frequency(h)
+        else:
+            logits, ids = self.logits(h)
+        if not greedy:
+            return None, logits, ids
+        best = logits.argmax(-1)  # [B]
+        return (best if ids is None else ids.gather(1, best[:, None]).squeeze(1)), logits, ids
+
+
+def _fused_cache(cache) -> bool:
+    return (cache.k.device.type == "cpu" and cache.k.dtype == torch.float32
+            and cache.k.is_contiguous())
