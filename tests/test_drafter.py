@@ -424,3 +424,30 @@ def test_evaluate_equals_leading_matches_of_the_proposer(target, trained_head, k
         if reached > 0:
             assert rate == pytest.approx(float((runs > i).double().mean()) / reached, abs=1e-6)
     assert result["tau"][MAX_K] > 1.0  # the trained head does accept something here
+
+
+def test_hybrid_proposer_is_lossless_and_uses_both_sources(tiny):
+    from mtpspec.drafter.head import DrafterConfig, MTPHead, init_weights
+    from mtpspec.engine import Engine, GenerateOptions
+    from mtpspec.proposers.hybrid import HybridProposer
+    from mtpspec.proposers.mtp import MTPProposer
+
+    cfg = DrafterConfig.for_target(tiny.config, num_layers=2, d_draft=32, intermediate_size=64,
+                                   num_clusters=8, top_clusters=2, frequency_vocab=64)
+    head = MTPHead(cfg)
+    init_weights(head, 0)
+    hybrid = HybridProposer(MTPProposer(head, tiny), min_match=2)
+    calls = {"mtp": 0}
+    inner = hybrid.mtp.propose
+
+    def counted(state, k):
+        calls["mtp"] += 1
+        return inner(state, k)
+
+    hybrid.mtp.propose = counted
+    prompt = [2, 7, 8, 9, 7, 8, 9, 7, 8]
+    options = GenerateOptions(max_new_tokens=24, ignore_eos=True, draft_k=3)
+    plain = Engine(tiny).generate([prompt], options)[0]
+    spec = Engine(tiny, proposer=hybrid).generate([prompt], options)[0]
+    assert spec.token_ids == plain.token_ids
+    assert 0 < calls["mtp"] < spec.stats.steps  # some steps drafted by lookup, some by the head

@@ -185,7 +185,7 @@ class HFMethod:
 
 # --- building methods by name -------------------------------------------------------------------
 
-METHODS = ("plain", "ngram", "draft-model", "mtp", "hf", "hf-bf16", "hf-lookup")
+METHODS = ("plain", "ngram", "draft-model", "mtp", "mtp-only", "hf", "hf-bf16", "hf-lookup")
 
 
 class MethodError(ValueError):
@@ -196,7 +196,7 @@ def method_problem(name: str) -> str | None:
     """Why method ``name`` cannot run in this environment, before any model is loaded."""
     if name not in METHODS:
         return f"unknown method {name!r}; choose from {', '.join(METHODS)}"
-    if name == "mtp" and mtp_import_error() is not None:
+    if name in ("mtp", "mtp-only") and mtp_import_error() is not None:
         return f"method mtp: {mtp_import_error()}"
     if name.startswith("hf") and importlib.util.find_spec("transformers") is None:
         return f"method {name} needs transformers (pip install 'mtpspec[hf]')"
@@ -227,7 +227,8 @@ def _hf(base: str, draft_ks: tuple[int, ...], target: Target, request: ProposerR
 
 
 _BUILDERS = {"plain": _plain, "ngram": _speculative, "draft-model": _speculative,
-             "mtp": _speculative, "hf": _hf, "hf-bf16": _hf, "hf-lookup": _hf}
+             "mtp": _speculative, "mtp-only": _speculative,
+             "hf": _hf, "hf-bf16": _hf, "hf-lookup": _hf}
 
 
 def build_methods(names: list[str], draft_ks: tuple[int, ...], target: Target,

@@ -19,7 +19,7 @@ from mtpspec.proposers.draft_model import DraftModelProposer
 from mtpspec.proposers.ngram import NgramProposer
 from mtpspec.runtime import Target, load_target
 
-SPECS = ("mtp", "ngram", "draft-model", "none")
+SPECS = ("mtp", "mtp-only", "ngram", "draft-model", "none")
 
 
 class SpecError(ValueError):
@@ -110,8 +110,16 @@ def _mtp(target: Target, request: ProposerRequest) -> Proposer:
     return MTPProposer(head, target.model)
 
 
+def _mtp_hybrid(target: Target, request: ProposerRequest) -> Proposer:
+    """The MTP head, with prompt lookup when the context clearly repeats (greedy only)."""
+    from mtpspec.proposers.hybrid import HybridProposer
+
+    return HybridProposer(_mtp(target, request))
+
+
 _BUILDERS: dict[str, Callable[[Target, ProposerRequest], Proposer | None]] = {
-    "mtp": _mtp, "ngram": _ngram, "draft-model": _draft_model, "none": _none,
+    "mtp": _mtp_hybrid, "mtp-only": _mtp, "ngram": _ngram, "draft-model": _draft_model,
+    "none": _none,
 }
 
 
@@ -159,6 +167,10 @@ def proposer_nbytes(proposer: Proposer | None, target: nn.Module) -> int:
         return 0
     seen: set[int] = set()
     _unique_nbytes(_tensors(target), seen)
-    total = sum(_unique_nbytes(_tensors(value), seen) for value in vars(proposer).values()
-                if isinstance(value, nn.Module))
+    total = 0
+    for value in vars(proposer).values():
+        if isinstance(value, nn.Module):
+            total += _unique_nbytes(_tensors(value), seen)
+        elif hasattr(value, "propose"):  # a proposer wrapping another (mtp + ngram)
+            total += proposer_nbytes(value, target)
     return total + int(getattr(proposer, "cache_nbytes", 0) or 0)
