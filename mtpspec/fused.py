@@ -192,10 +192,17 @@ static inline void dots(const float* q, const float* k, int64_t ld, int64_t d, f
   for (int i = 0; i < NK; ++i) out[i] = hsum8(_mm256_add_ps(a0[i], a1[i]));
 }
 
+// A work item: query rows [r0, r1) of one sequence (a tile), kv head g, key slots [s0, s1),
+// taken kBlock slots at a time. Each 4-slot group of keys is loaded once into L1 for all rows x
+// heads of the tile, and a block stays in L2 for the weighted sum of its values.
+struct AttnItem { int64_t r0, r1, g, s0, s1; };
+
+// o[0:d] = o[0:d] * alpha + sum_s p[s] * v[s, 0:d] (o is not read when alpha == 0)
 template <int NR>
-static inline void weighted_rows(const float* p, const float* v, int64_t n, int64_t ld, float* out) {
+static inline void weighted_rows(const float* p, const float* v, int64_t n, int64_t ld, float alpha, float* out) {
   __m256 acc[NR];
-  for (int i = 0; i < NR; ++i) acc[i] = _mm256_setzero_ps();
+  const __m256 al = _mm256_set1_ps(alpha);
+  for (int i = 0; i < NR; ++i) acc[i] = alpha == 0.f ? _mm256_setzero_ps() : _mm256_mul_ps(_mm256_loadu_ps(out + 8 * i), al);
   for (int64_t s = 0; s < n; ++s) {
     const __m256 ps = _mm256_broadcast_ss(p + s);
     for (int i = 0; i < NR; ++i) acc[i] = _mm256_fmadd_ps(ps, _mm256_loadu_ps(v + s * ld + 8 * i), acc[i]);
@@ -203,86 +210,134 @@ static inline void weighted_rows(const float* p, const float* v, int64_t n, int6
   for (int i = 0; i < NR; ++i) _mm256_storeu_ps(out + 8 * i, acc[i]);
 }
 
-// out[0:d] = sum_s p[s] * v[s, 0:d]
-static void weighted_sum(const float* p, const float* v, int64_t n, int64_t d, float* out) {
+static void weighted_sum(const float* p, const float* v, int64_t n, int64_t d, float alpha, float* out) {
   for (int64_t j = 0; j < d; j += 64) {
     switch (std::min<int64_t>(8, (d - j) / 8)) {
-      case 8: weighted_rows<8>(p, v + j, n, d, out + j); break;
-      case 7: weighted_rows<7>(p, v + j, n, d, out + j); break;
-      case 6: weighted_rows<6>(p, v + j, n, d, out + j); break;
-      case 5: weighted_rows<5>(p, v + j, n, d, out + j); break;
-      case 4: weighted_rows<4>(p, v + j, n, d, out + j); break;
-      case 3: weighted_rows<3>(p, v + j, n, d, out + j); break;
-      case 2: weighted_rows<2>(p, v + j, n, d, out + j); break;
-      default: weighted_rows<1>(p, v + j, n, d, out + j); break;
+      case 8: weighted_rows<8>(p, v + j, n, d, alpha, out + j); break;
+      case 7: weighted_rows<7>(p, v + j, n, d, alpha, out + j); break;
+      case 6: weighted_rows<6>(p, v + j, n, d, alpha, out + j); break;
+      case 5: weighted_rows<5>(p, v + j, n, d, alpha, out + j); break;
+      case 4: weighted_rows<4>(p, v + j, n, d, alpha, out + j); break;
+      case 3: weighted_rows<3>(p, v + j, n, d, alpha, out + j); break;
+      case 2: weighted_rows<2>(p, v + j, n, d, alpha, out + j); break;
+      default: weighted_rows<1>(p, v + j, n, d, alpha, out + j); break;
     }
   }
 }
 
-// one block of slots for the `group` query heads of kv head g: unnormalized output, max, sum
-static void attend_block(const Attention& a, int64_t r, int64_t g, int64_t s0, int64_t s1, float* part) {
-  const int64_t group = a.H / a.kvh, d = a.Dh, n = s1 - s0;
-  const int64_t base = ((a.rowb[r] * a.kvh + g) * a.S + s0) * d;
-  const float* k = a.kc + base;
-  const float* v = a.vc + base;
-  alignas(32) float sc[kBlock];
-  for (int64_t j = 0; j < group; ++j) {
-    const float* q = a.q + (r * a.H + g * group + j) * d;
+// per (row, head) of the item, online over its blocks: unnormalized output [Dh], max, sum
+// (sum 0: the row sees no slot of the item)
+static void attend_item(const Attention& a, const AttnItem& it, float* part, float* sc /*[rows*group, kBlock]*/) {
+  const int64_t group = a.H / a.kvh, d = a.Dh, rows = it.r1 - it.r0;
+  for (int64_t q = 0; q < rows * group; ++q) {
+    part[q * (d + 2) + d] = -std::numeric_limits<float>::infinity();
+    part[q * (d + 2) + d + 1] = 0.f;
+  }
+  const float* kseq = a.kc + (a.rowb[it.r0] * a.kvh + it.g) * a.S * d;
+  const float* vseq = a.vc + (a.rowb[it.r0] * a.kvh + it.g) * a.S * d;
+  for (int64_t b0 = it.s0; b0 < it.s1; b0 += kBlock) {
+    const int64_t n = std::min(it.s1, b0 + kBlock) - b0;
+    const float* k = kseq + b0 * d;
+    const float* v = vseq + b0 * d;
+    auto lo = [&](int64_t i) { return std::max<int64_t>(a.lo[it.r0 + i] - b0, 0); };  // visible slots of
+    auto hi = [&](int64_t i) { return std::min<int64_t>(a.hi[it.r0 + i] - b0, n); };  // row i, in block
     int64_t s = 0;
-    for (; s + 4 <= n; s += 4) dots<4>(q, k + s * d, d, d, sc + s);
-    for (; s < n; ++s) dots<1>(q, k + s * d, d, d, sc + s);
-    float m = -std::numeric_limits<float>::infinity();
-    for (s = 0; s < n; ++s) { sc[s] = sc[s] * a.scale; m = std::max(m, sc[s]); }
-    const __m256 mv = _mm256_set1_ps(m);
-    __m256 acc = _mm256_setzero_ps();
-    for (s = 0; s + 8 <= n; s += 8) {
-      const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sc + s), mv));
-      _mm256_storeu_ps(sc + s, e);
-      acc = _mm256_add_ps(acc, e);
+    for (; s + 4 <= n; s += 4)
+      for (int64_t i = 0; i < rows; ++i) {
+        if (s + 4 <= lo(i) || s >= hi(i)) continue;
+        for (int64_t j = 0; j < group; ++j)
+          dots<4>(a.q + ((it.r0 + i) * a.H + it.g * group + j) * d, k + s * d, d, d, sc + (i * group + j) * kBlock + s);
+      }
+    for (; s < n; ++s)
+      for (int64_t i = 0; i < rows; ++i)
+        for (int64_t j = 0; j < group; ++j)
+          dots<1>(a.q + ((it.r0 + i) * a.H + it.g * group + j) * d, k + s * d, d, d, sc + (i * group + j) * kBlock + s);
+    for (int64_t i = 0; i < rows; ++i) {
+      const int64_t l0 = lo(i), l1 = hi(i), m = l1 - l0;
+      if (m <= 0) continue;
+      for (int64_t j = 0; j < group; ++j) {
+        float* o = part + (i * group + j) * (d + 2);
+        float* e = sc + (i * group + j) * kBlock + l0;
+        float mx = o[d];
+        for (int64_t t = 0; t < m; ++t) { e[t] = e[t] * a.scale; mx = std::max(mx, e[t]); }
+        const float alpha = std::exp(o[d] - mx);  // rescales what earlier blocks summed (0 at first)
+        const __m256 mv = _mm256_set1_ps(mx);
+        __m256 acc = _mm256_setzero_ps();
+        int64_t t = 0;
+        for (; t + 8 <= m; t += 8) {
+          const __m256 x = exp8(_mm256_sub_ps(_mm256_loadu_ps(e + t), mv));
+          _mm256_storeu_ps(e + t, x);
+          acc = _mm256_add_ps(acc, x);
+        }
+        float sum = hsum8(acc);
+        for (; t < m; ++t) { e[t] = std::exp(e[t] - mx); sum += e[t]; }
+        weighted_sum(e, v + l0 * d, m, d, alpha, o);
+        o[d] = mx;
+        o[d + 1] = o[d + 1] * alpha + sum;
+      }
     }
-    float l = hsum8(acc);
-    for (; s < n; ++s) { sc[s] = std::exp(sc[s] - m); l += sc[s]; }
-    float* o = part + j * (d + 2);
-    weighted_sum(sc, v, n, d, o);
-    o[d] = m;
-    o[d + 1] = l;
   }
 }
+
+constexpr int64_t kTileRows = 16;
 
 static void attention(const Attention& a, int64_t N, int64_t threads) {
-  struct Item { int64_t r, g, s0, s1; };
-  std::vector<Item> items;
-  std::vector<int64_t> first(N * a.kvh + 1);
-  for (int64_t r = 0; r < N; ++r)
-    for (int64_t g = 0; g < a.kvh; ++g) {
-      first[r * a.kvh + g] = (int64_t)items.size();
-      for (int64_t s0 = a.lo[r]; s0 < a.hi[r]; s0 += kBlock) items.push_back({r, g, s0, std::min(a.hi[r], s0 + kBlock)});
+  const int64_t group = a.H / a.kvh, d = a.Dh, stride = kTileRows * group * (d + 2);
+  struct Tile { int64_t r0, r1, lo, hi; };
+  std::vector<Tile> tiles;
+  std::vector<int64_t> tile_of_row(N);
+  for (int64_t r0 = 0; r0 < N;) {  // consecutive rows of one sequence
+    int64_t r1 = r0 + 1;
+    while (r1 < N && r1 - r0 < kTileRows && a.rowb[r1] == a.rowb[r0]) ++r1;
+    Tile t{r0, r1, a.lo[r0], a.hi[r0]};
+    for (int64_t r = r0; r < r1; ++r) {
+      t.lo = std::min(t.lo, a.lo[r]);
+      t.hi = std::max(t.hi, a.hi[r]);
+      tile_of_row[r] = (int64_t)tiles.size();
     }
-  first[N * a.kvh] = (int64_t)items.size();
-  const int64_t group = a.H / a.kvh, d = a.Dh, stride = group * (d + 2);
+    tiles.push_back(t);
+    r0 = r1;
+  }
+  // split key ranges only when there are too few tiles to keep the threads busy (decode)
+  const int64_t per_tile = std::max<int64_t>(1, (4 * threads + (int64_t)tiles.size() * a.kvh - 1) / ((int64_t)tiles.size() * a.kvh));
+  std::vector<AttnItem> items;
+  std::vector<int64_t> first;  // per (tile, g): its first item; then the end
+  for (const Tile& t : tiles)
+    for (int64_t g = 0; g < a.kvh; ++g) {
+      first.push_back((int64_t)items.size());
+      const int64_t nblocks = (std::max<int64_t>(t.hi - t.lo, 0) + kBlock - 1) / kBlock;
+      const int64_t parts = std::min(per_tile, nblocks), step = parts ? (nblocks + parts - 1) / parts * kBlock : 0;
+      for (int64_t s0 = t.lo; s0 < t.hi; s0 += step) items.push_back({t.r0, t.r1, g, s0, std::min(t.hi, s0 + step)});
+    }
+  first.push_back((int64_t)items.size());
   auto part = scratch((int64_t)items.size() * stride);
   float* pp = part.get();
   parallel_for((int64_t)items.size(), threads, [&](int64_t t) {
-    const Item& it = items[t];
-    attend_block(a, it.r, it.g, it.s0, it.s1, pp + t * stride);
+    thread_local std::vector<float> sc;
+    sc.resize(kTileRows * group * kBlock);
+    attend_item(a, items[t], pp + t * stride, sc.data());
   });
   for (int64_t r = 0; r < N; ++r)
     for (int64_t g = 0; g < a.kvh; ++g) {
-      const int64_t t0 = first[r * a.kvh + g], t1 = first[r * a.kvh + g + 1];
+      const int64_t tg = tile_of_row[r] * a.kvh + g, t0 = first[tg], t1 = first[tg + 1];
       for (int64_t j = 0; j < group; ++j) {
         float* out = a.out + (r * a.H + g * group + j) * d;
-        if (t0 == t1) { std::fill(out, out + d, 0.f); continue; }  // no visible slot: attends to nothing
-        const float* o0 = pp + t0 * stride + j * (d + 2);
-        if (t1 - t0 == 1) {
-          for (int64_t i = 0; i < d; ++i) out[i] = o0[i] / o0[d + 1];
+        auto at = [&](int64_t t) { return pp + t * stride + ((r - items[t].r0) * group + j) * (d + 2); };
+        float mx = -std::numeric_limits<float>::infinity(), den = 0.f;
+        int64_t seen = 0, last = -1;
+        for (int64_t t = t0; t < t1; ++t)
+          if (at(t)[d + 1] > 0.f) { mx = std::max(mx, at(t)[d]); ++seen; last = t; }
+        if (seen == 0) { std::fill(out, out + d, 0.f); continue; }  // no visible slot: attends to nothing
+        if (seen == 1) {
+          const float* o = at(last);
+          for (int64_t i = 0; i < d; ++i) out[i] = o[i] / o[d + 1];
           continue;
         }
-        float m = -std::numeric_limits<float>::infinity(), den = 0.f;
-        for (int64_t t = t0; t < t1; ++t) m = std::max(m, pp[t * stride + j * (d + 2) + d]);
         std::fill(out, out + d, 0.f);
         for (int64_t t = t0; t < t1; ++t) {
-          const float* o = pp + t * stride + j * (d + 2);
-          const float w = std::exp(o[d] - m);
+          const float* o = at(t);
+          if (!(o[d + 1] > 0.f)) continue;
+          const float w = std::exp(o[d] - mx);
           den += w * o[d + 1];
           for (int64_t i = 0; i < d; ++i) out[i] += w * o[i];
         }
@@ -291,7 +346,7 @@ static void attention(const Attention& a, int64_t N, int64_t threads) {
     }
 }
 
-struct RopeTables {  // cos/sin [len, Dh] for global and local layers
+struct RopeTables {  // cos/sin for global and local layers; positions < len are in both
   const float *cos_g, *sin_g, *cos_l, *sin_l;
   int64_t len;
 };
@@ -299,9 +354,11 @@ struct RopeTables {  // cos/sin [len, Dh] for global and local layers
 static RopeTables rope_tables(const std::vector<torch::Tensor>& t, int64_t dh) {
   TORCH_CHECK(t.size() == 4, "rope: cos/sin for global then local layers");
   for (const auto& x : t)
-    TORCH_CHECK(x.scalar_type() == torch::kFloat && x.is_contiguous() && x.dim() == 2 && x.size(1) == dh &&
-                x.size(0) == t[0].size(0), "rope tables must be contiguous float32 [len, head_dim]");
-  return {t[0].data_ptr<float>(), t[1].data_ptr<float>(), t[2].data_ptr<float>(), t[3].data_ptr<float>(), t[0].size(0)};
+    TORCH_CHECK(x.scalar_type() == torch::kFloat && x.is_contiguous() && x.dim() == 2 && x.size(1) == dh,
+                "rope tables must be contiguous float32 [len, head_dim]");
+  TORCH_CHECK(t[0].sizes() == t[1].sizes() && t[2].sizes() == t[3].sizes(), "cos and sin tables differ");
+  return {t[0].data_ptr<float>(), t[1].data_ptr<float>(), t[2].data_ptr<float>(), t[3].data_ptr<float>(),
+          std::min(t[0].size(0), t[2].size(0))};
 }
 
 static void check_cache(const torch::Tensor& k, const torch::Tensor& v, int64_t layers, int64_t batch,

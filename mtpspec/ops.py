@@ -55,6 +55,7 @@ Must not: hold an unpacked copy of the weight, or need autograd (inference only)
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import warnings
 
@@ -467,18 +468,27 @@ def _extension():
 
         from mtpspec.fused import CPP as fused_cpp  # noqa: PLC0415 - fused imports this module
 
-        return load_inline(name="mtpspec_ops_v3", cpp_sources=[_CPP, fused_cpp, _BINDINGS],
+        sources = [_CPP, fused_cpp, _BINDINGS]
+        return load_inline(name=_build_name("mtpspec_ops", sources), cpp_sources=sources,
                            extra_cflags=[*flags, "-DMTPSPEC_WITH_FUSED"])
     except (RuntimeError, OSError, ImportError) as err:  # no compiler / ninja / AVX2 toolchain
         warnings.warn(f"mtpspec.ops: fused layers unavailable ({err}); using the Python layers")
     try:
         from torch.utils.cpp_extension import load_inline
 
-        return load_inline(name="mtpspec_ops_v3_plain", cpp_sources=[_CPP, _BINDINGS],
+        sources = [_CPP, _BINDINGS]
+        return load_inline(name=_build_name("mtpspec_ops_plain", sources), cpp_sources=sources,
                            extra_cflags=flags)
     except (RuntimeError, OSError, ImportError) as err:
         warnings.warn(f"mtpspec.ops: AVX2 kernels unavailable ({err}); using F.linear fallback")
         return None
+
+
+def _build_name(stem: str, sources: list[str]) -> str:
+    """One build folder per source version: checkouts of different versions (worktrees, installed
+    copies) then share ~/.cache/torch_extensions without rebuilding over each other."""
+    digest = hashlib.sha256("".join(sources).encode()).hexdigest()[:12]
+    return f"{stem}_{digest}"
 
 
 def fused_extension():

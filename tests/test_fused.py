@@ -284,3 +284,13 @@ def test_bf16_draft_weights_stay_close():
     exact = fused.FusedDrafter(head, target, "clustered").step(*args)
     rounded = fused.FusedDrafter(head, target, "clustered", weights="bf16").step(*args)
     assert_close(rounded, exact, tol=3e-2)
+
+
+def test_draft_step_with_rope_tables_of_different_lengths():
+    target = tiny_model(seed=13)
+    head = tiny_drafter(target)
+    head.rope_tables(5000, True, torch.device("cpu"))  # the global table grew alone
+    state = drafter_state(target, [7])
+    fast = fused.FusedDrafter(head, target, "clustered")
+    assert torch.isfinite(fast.step(torch.tensor([2]), state.hidden, state.positions,
+                                    state.positions, state.cache)).all()
