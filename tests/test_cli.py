@@ -7,20 +7,11 @@ import io
 import json
 
 import pytest
-import torch
 
 from mtpspec.cli import main
 
 from tiny_hf import write_tiny_hf_model
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run ~20x faster on one thread when another process shares the two cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
