@@ -453,6 +453,7 @@ _PANEL = 16  # output channels per packed panel
 
 
 def get_num_threads() -> int:
+    """Threads the packed kernels (and the fused layers) use now."""
     return _THREADS
 
 
@@ -466,7 +467,7 @@ def _extension():
     try:
         from torch.utils.cpp_extension import load_inline
 
-        from mtpspec.fused import CPP as fused_cpp  # noqa: PLC0415 - fused imports this module
+        from mtpspec.fused_kernels import CPP as fused_cpp
 
         sources = [_CPP, fused_cpp, _BINDINGS]
         return load_inline(name=_build_name("mtpspec_ops", sources), cpp_sources=sources,
