@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from mtpspec.config import ModelConfig
-from mtpspec.loading import ModelLoadError, cache_root, load_weights
+from mtpspec.loading import LoadedWeights, ModelLoadError, cache_root, load_weights
 from mtpspec.models.gemma3 import Gemma3Model
 from mtpspec.ops import FORMATS
 from mtpspec.tokenizer import Tokenizer, load_tokenizer_gguf, load_tokenizer_hf
@@ -76,6 +76,13 @@ def _cached_model(path, loaded, weights: str) -> Gemma3Model:
     return model
 
 
+def load_tokenizer_for(loaded: LoadedWeights) -> Tokenizer:
+    """The tokenizer of the same source as ``loaded`` (cached next to its weights' hash)."""
+    if loaded.source.is_dir():
+        return load_tokenizer_hf(loaded.source)
+    return load_tokenizer_gguf(loaded.source, cache_root() / loaded.weights_hash[:24])
+
+
 def load_target(path: str | Path | None = None, weights: str = "fp32",
                 with_tokenizer: bool = True) -> Target:
     """Load a target from a GGUF file, a Hugging Face folder, or (None) the embedded default."""
@@ -84,12 +91,7 @@ def load_target(path: str | Path | None = None, weights: str = "fp32",
     start = time.perf_counter()
     loaded = load_weights(path, with_tensors=False)
     model = _cached_model(path, loaded, weights)
-    tokenizer = None
-    if with_tokenizer:
-        if loaded.source.is_dir():
-            tokenizer = load_tokenizer_hf(loaded.source)
-        else:
-            tokenizer = load_tokenizer_gguf(loaded.source, cache_root() / loaded.weights_hash[:24])
+    tokenizer = load_tokenizer_for(loaded) if with_tokenizer else None
     return Target(model=model, tokenizer=tokenizer, config=loaded.config, source=loaded.source,
                   weights_hash=loaded.weights_hash, weight_format=weights,
                   load_s=time.perf_counter() - start)

@@ -100,11 +100,9 @@ def run(args: argparse.Namespace, log=print) -> dict:
             with opener(args.prompt_ids, "rt") as handle:
                 prompts = json.load(handle)[:args.num_prompts + args.eval_prompts]
         else:
-            from mtpspec.loading import cache_root
-            from mtpspec.tokenizer import load_tokenizer_gguf, load_tokenizer_hf
+            from mtpspec.runtime import load_tokenizer_for
 
-            tokenizer = (load_tokenizer_hf(loaded.source) if loaded.source.is_dir() else
-                         load_tokenizer_gguf(loaded.source, cache_root() / loaded.weights_hash[:24]))
+            tokenizer = load_tokenizer_for(loaded)
             prompts = build_prompts(tokenizer, args.prompts or ["sharegpt"],
                                     args.num_prompts + args.eval_prompts, args.max_prompt_tokens,
                                     args.seed)
