@@ -308,6 +308,32 @@ def test_mtp_greedy_speculative_equals_plain(target, trained_head, plain_greedy,
     assert 0 < accepted < drafted  # both verification paths ran
 
 
+@pytest.mark.parametrize("use_fused", [True, False], ids=["fused", "python"])
+def test_confidence_stop_is_lossless_and_shortens_drafts(target, trained_head, plain_greedy,
+                                                         use_fused):
+    """The tiny head is unsure of itself: these thresholds stop drafts after 0, 1 or more steps."""
+    prompts, expected = plain_greedy
+    drafts = []
+    for threshold in (0.004, 0.02, 0.1):
+        proposer = Recording(MTPProposer(trained_head, target, "clustered", use_fused=use_fused,
+                                         min_confidence=threshold))
+        engine = Engine(target, proposer=proposer)
+        for k in (2, 6):
+            options = GenerateOptions(max_new_tokens=20, ignore_eos=True, draft_k=k)
+            assert [r.token_ids for r in engine.generate(prompts, options)] == expected, k
+            assert engine.generate(prompts[1:2], options)[0].token_ids == expected[1], k
+        drafts += proposer.drafts
+    lengths = {int(d.num_drafts.max()) if d.num_drafts is not None else d.k for d in drafts}
+    assert 0 in lengths and len(lengths) >= 3 and max(lengths) <= 6  # the length really varied
+    assert any(d.num_drafts is not None for d in drafts)  # and rows of a batch stopped apart
+
+
+def test_confidence_threshold_is_checked(target, trained_head):
+    for bad in (0.0, 1.0, -0.5, 2):
+        with pytest.raises(ValueError, match="min_confidence"):
+            MTPProposer(trained_head, target, min_confidence=bad)
+
+
 class Recording:
     """Wraps a proposer and keeps every Draft it returns."""
 
@@ -331,9 +357,9 @@ def next_token_probs(model, prefixes: list[list[int]], params: SamplingParams) -
     return logits_to_probs(logits[:, -1], params)
 
 
-@pytest.mark.parametrize("temperature,top_p,use_fused", [(1.0, 1.0, True), (0.7, 0.9, True),
-                                                         (0.7, 0.9, False)])
-def test_mtp_sampling_keeps_the_target_distribution(temperature, top_p, use_fused):
+@pytest.mark.parametrize("temperature,top_p,use_fused,min_confidence", [
+    (1.0, 1.0, True, None), (0.7, 0.9, True, None), (0.7, 0.9, False, None), (1.0, 1.0, True, 0.2)])
+def test_mtp_sampling_keeps_the_target_distribution(temperature, top_p, use_fused, min_confidence):
     """Tokens 2 and 3 come from the first draft-and-verify step (token 1 from the prefill)."""
     vocab = 12
     target = tiny_model(seed=5, vocab_size=vocab)
@@ -352,7 +378,8 @@ def test_mtp_sampling_keeps_the_target_distribution(temperature, top_p, use_fuse
     p3 = next_token_probs(target, [prompt + [a, b] for a in range(vocab) for b in range(vocab)],
                           params).view(vocab, vocab, vocab)
     expected = (p1[:, None, None] * p2[:, :, None] * p3).sum(0).flatten()  # [V*V]
-    proposer = Recording(MTPProposer(head, target, "clustered", use_fused=use_fused))
+    proposer = Recording(MTPProposer(head, target, "clustered", use_fused=use_fused,
+                                     min_confidence=min_confidence))
     trials = 6000
     options = GenerateOptions(max_new_tokens=4, sampling=params, ignore_eos=True, draft_k=2)
     results = Engine(target, proposer=proposer).generate([prompt] * trials, options)
@@ -366,9 +393,14 @@ def test_mtp_sampling_keeps_the_target_distribution(temperature, top_p, use_fuse
     assert chi2 < dof + 5 * (2 * dof) ** 0.5, (float(chi2), dof)
     assert float(counts[~keep].sum()) <= max(10.0, 3 * float(expected[~keep].sum() * trials))
     # the first step really drafted two tokens, and drafts were both accepted and rejected
-    assert proposer.drafts[0].k == 2
     second = sum(r.from_draft[1] for r in results)
-    assert 0.05 * trials < second < 0.95 * trials and sum(r.from_draft[2] for r in results) > 50
+    if min_confidence is None:
+        assert proposer.drafts[0].k == 2
+        assert 0.05 * trials < second < 0.95 * trials
+        assert sum(r.from_draft[2] for r in results) > 50
+    else:  # the confidence stop cut some drafts short
+        assert any(d.k < 2 or d.num_drafts is not None for d in proposer.drafts)
+        assert 0.02 * trials < second < 0.95 * trials
     # q is the clustered head's: zero outside the top_clusters chosen clusters
     q = torch.cat([d.probs.reshape(-1, vocab) for d in proposer.drafts])  # [N, V]
     torch.testing.assert_close(q.sum(-1), torch.ones(len(q)))

@@ -212,7 +212,7 @@ def test_proposals_equal_reference(kind, greedy, threads):
     head = tiny_drafter(target, num_clusters=32, seed=1)
     drafts = []
     for use_fused in (True, False):
-        proposer = MTPProposer(head, target, kind, use_fused=use_fused)
+        proposer = MTPProposer(head, target, kind, use_fused=use_fused, fused_weights="fp32")
         assert (proposer.fused is not None) == use_fused
         drafts.append(proposer.propose(drafter_state(target, [11, 4, 17], greedy=greedy), k=5))
     fast, ref = drafts
@@ -262,7 +262,7 @@ def test_real_drafter_proposals_equal_reference(real_int8):
         pytest.skip("no shipped drafter for the default model")
     head = load_drafter(folder, real_int8.config, loaded.weights_hash)
     state = drafter_state(real_int8, [40, 25])
-    fast = MTPProposer(head, real_int8).propose(state, k=4)
+    fast = MTPProposer(head, real_int8, fused_weights="fp32").propose(state, k=4)
     ref = MTPProposer(head, real_int8, use_fused=False).propose(state, k=4)
     assert torch.equal(fast.tokens, ref.tokens)
 
@@ -276,13 +276,14 @@ def test_python_path_when_the_extension_lacks_the_fused_layers(monkeypatch):
     assert MTPProposer(tiny_drafter(model), model).fused is None
 
 
-def test_bf16_draft_weights_stay_close():
+@pytest.mark.parametrize("weights", ["bf16", "int8"])
+def test_compact_draft_weights_stay_close(weights):
     target = tiny_model(seed=12, fmt="int8")
     head = tiny_drafter(target)
     state = drafter_state(target, [9, 5])
     args = (torch.tensor([3, 4]), state.hidden, state.positions, state.positions, state.cache)
     exact = fused.FusedDrafter(head, target, "clustered").step(*args)
-    rounded = fused.FusedDrafter(head, target, "clustered", weights="bf16").step(*args)
+    rounded = fused.FusedDrafter(head, target, "clustered", weights=weights).step(*args)
     assert_close(rounded, exact, tol=3e-2)
 
 
