@@ -130,9 +130,14 @@ class FusedDrafter:
             raise RuntimeError("the fused C++ layers are not available")
         cfg = head.cfg
 
+        self.nbytes = 0  # bytes packed here (the target's own embedding is shared, not counted)
+
+        def own(packed: PackedLinear) -> tuple:
+            self.nbytes += packed.nbytes
+            return packed.kernel_spec()
+
         def pack(linear) -> tuple:
-            return PackedLinear.from_weight(linear.weight.detach().float().cpu(),
-                                            weights).kernel_spec()
+            return own(PackedLinear.from_weight(linear.weight.detach().float().cpu(), weights))
 
         def scale(norm) -> Tensor:
             return (1.0 + norm.weight.detach().float().cpu()).contiguous()
@@ -153,10 +158,11 @@ class FusedDrafter:
         if kind == "frequency":
             self.frequent_ids = head.frequent_tokens.detach().cpu()  # [N]
             self.frequent = cluster_ordered(target.embed, self.frequent_ids[None])
+            self.nbytes += self.frequent.nbytes
         if kind == "clustered":
             members = head.token_ordering.detach().cpu().view(cfg.num_clusters, size).contiguous()
             centroids = PackedLinear.from_weight(head.centroids.detach().float().cpu(), "fp32")
-            linears += [centroids.kernel_spec(), cluster_ordered(target.embed, members).kernel_spec()]
+            linears += [own(centroids), own(cluster_ordered(target.embed, members))]
         dims = [cfg.target_hidden, cfg.d_draft, cfg.num_heads, cfg.target_kv_heads, cfg.head_dim,
                 cfg.intermediate_size, cfg.sliding_window, ops._CHUNK_BYTES, cfg.top_clusters, size,
                 -(-size // 16) * 16]

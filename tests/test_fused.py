@@ -295,3 +295,18 @@ def test_draft_step_with_rope_tables_of_different_lengths():
     fast = fused.FusedDrafter(head, target, "clustered")
     assert torch.isfinite(fast.step(torch.tensor([2]), state.hidden, state.positions,
                                     state.positions, state.cache)).all()
+
+
+def test_memory_accounting_counts_the_fused_copies():
+    """The fused draft step packs the head and a cluster-ordered copy of the target's embedding:
+    the proposer's memory includes them, on top of the head's own float weights."""
+    from mtpspec.proposers.factory import module_nbytes, proposer_nbytes
+
+    target = tiny_model(seed=14, fmt="int8")
+    head = tiny_drafter(target)
+    python = MTPProposer(head, target, use_fused=False)
+    fast = MTPProposer(head, target)
+    assert proposer_nbytes(python, target) == module_nbytes(head)
+    copy = target.embed.nbytes  # the same rows (plus padding), in the target's format
+    assert proposer_nbytes(fast, target) >= module_nbytes(head) + copy
+    assert fast.fused.nbytes >= copy
