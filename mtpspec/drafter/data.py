@@ -100,7 +100,7 @@ def build_prompts(tokenizer, sources: list[str], limit: int, max_prompt_tokens: 
 def generate_batch(model: Gemma3Model, prompts: list[list[int]], max_new_tokens: int,
                    params: SamplingParams, generator=None) -> list[list[int]]:
     """Responses of the target to ``prompts`` (lockstep batch; stops at EOS); any device."""
-    device = model.norm_scale.device
+    device = getattr(model, "device", None) or model.norm_scale.device  # HFModel: .device
     batch = len(prompts)
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     longest = int(lengths.max())

@@ -25,6 +25,7 @@ from mtpspec.drafter.head import DrafterConfig, MTPHead, init_weights
 from mtpspec.drafter.train import TrainConfig, evaluate, train
 from mtpspec.loading import load_weights
 from mtpspec.models.gemma3 import Gemma3Model
+from mtpspec.models.hf import is_native, load_hf_model
 from mtpspec.sampling import SamplingParams
 
 
@@ -81,6 +82,21 @@ def _generate(target, prompts, args, device, log) -> list[list[int]]:
     return sequences
 
 
+def _training_target(model: str | None, device: torch.device):
+    """(frozen target, its ModelConfig, weights hash, tokenizer loader) for ``--model``: the
+    native Gemma 3 in autograd-friendly dense weights, or any other HF folder via transformers."""
+    if model is not None and Path(model).is_dir() and not is_native(Path(model)):
+        from mtpspec.tokenizer import load_tokenizer_hf
+
+        target, digest = load_hf_model(Path(model), "fp32")
+        return target.to(device), target.config, digest, lambda: load_tokenizer_hf(Path(model))
+    from mtpspec.runtime import load_tokenizer_for
+
+    loaded = load_weights(model)
+    target = Gemma3Model(loaded.config, loaded.tensors, "dense").to(device)
+    return target, loaded.config, loaded.weights_hash, lambda: load_tokenizer_for(loaded)
+
+
 def run(args: argparse.Namespace, log=print) -> dict:
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -88,8 +104,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     work = args.work_dir or args.out
     work.mkdir(parents=True, exist_ok=True)
-    loaded = load_weights(args.model)
-    target = Gemma3Model(loaded.config, loaded.tensors, "dense").to(device)
+    target, target_config, target_hash, tokenizer_of = _training_target(args.model, device)
     data_path = work / "data.pt"
     if data_path.exists():
         data = torch.load(data_path, weights_only=False)
@@ -100,9 +115,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
             with opener(args.prompt_ids, "rt") as handle:
                 prompts = json.load(handle)[:args.num_prompts + args.eval_prompts]
         else:
-            from mtpspec.runtime import load_tokenizer_for
-
-            tokenizer = load_tokenizer_for(loaded)
+            tokenizer = tokenizer_of()
             prompts = build_prompts(tokenizer, args.prompts or ["sharegpt"],
                                     args.num_prompts + args.eval_prompts, args.max_prompt_tokens,
                                     args.seed)
@@ -112,9 +125,9 @@ def run(args: argparse.Namespace, log=print) -> dict:
         data = {"train": _generate(target, train_prompts, args, device, log), "eval": evaluation}
         torch.save(data, data_path)
     cfg = DrafterConfig.for_target(
-        loaded.config, num_layers=args.layers, d_draft=args.d_draft, num_heads=args.heads,
+        target_config, num_layers=args.layers, kv_shape=getattr(target, "kv_shape", None), d_draft=args.d_draft, num_heads=args.heads,
         intermediate_size=args.intermediate, num_clusters=args.clusters,
-        top_clusters=args.top_clusters, head=args.head, target_hash=loaded.weights_hash)
+        top_clusters=args.top_clusters, head=args.head, target_hash=target_hash)
     head = MTPHead(cfg)
     init_weights(head, args.seed)
     ordering, centroids = balanced_kmeans(target.embed.dequantized(), cfg.num_clusters, seed=args.seed)
