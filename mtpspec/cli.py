@@ -1,4 +1,5 @@
-"""The ``mtpspec`` command: ``generate`` (stream one completion) and ``bench`` (compare methods).
+"""The ``mtpspec`` command: ``generate`` (stream one completion), ``bench`` (compare methods),
+``train`` (retrofit a drafter) and ``serve`` (an OpenAI-compatible server, ``mtpspec.server``).
 
 Only argument handling and wiring live here: models load through ``runtime``, proposers come
 from ``proposers.factory``, decoding is the ``engine``'s, and the benchmark is ``bench``'s.
@@ -18,9 +19,9 @@ from mtpspec.kv_cache import CacheFullError
 from mtpspec.loading import ModelLoadError
 from mtpspec.ops import FORMATS
 from mtpspec.proposers.factory import SPECS, SpecError
+from mtpspec.runtime import DEFAULT_WEIGHTS
 from mtpspec.tokenizer import NoChatTemplateError, UnsupportedTokenizerError
 
-DEFAULT_WEIGHTS = "fp32"
 DEFAULT_DRAFT_K = 4
 DEFAULT_MAX_LEN = 4096
 
@@ -45,7 +46,8 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, default=None,
                         help="GGUF file or Hugging Face folder (default: the embedded Gemma 3 270M)")
     parser.add_argument("--weights", "--dtype", dest="weights", choices=FORMATS,
-                        default=DEFAULT_WEIGHTS, help="weight format the target runs in")
+                        default=DEFAULT_WEIGHTS,
+                        help="weight format the target runs in (default %(default)s)")
     parser.add_argument("--max-len", type=int, default=DEFAULT_MAX_LEN,
                         help="context size: prompt plus new tokens (default %(default)s)")
     parser.add_argument("--drafter", type=Path, default=None, help="MTP drafter checkpoint")
@@ -97,6 +99,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_flags(bench)
     _add_sampling_flags(bench, max_new_tokens=64)
     bench.set_defaults(handler=cmd_bench)
+
+    serve = commands.add_parser("serve", help="OpenAI-compatible HTTP server with batched decoding")
+    _add_model_flags(serve)
+    serve.add_argument("--spec", default=None,
+                       help=f"speculative method: {', '.join(SERVE_SPECS)} (default: mtp when a "
+                            "drafter ships for the target, else ngram)")
+    serve.add_argument("--draft-k", type=int, default=DEFAULT_DRAFT_K,
+                       help="draft tokens per step (default %(default)s)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
+    serve.add_argument("--port", type=int, default=8080, help="port (default %(default)s; 0: any)")
+    serve.add_argument("--max-batch-size", type=int, default=8,
+                       help="sequences decoded together; more wait for a row (default %(default)s)")
+    serve.add_argument("--max-verify-rows", type=int, default=16,
+                       help="cap rows x (drafts + 1) per verification pass, so drafting shrinks "
+                            "as the batch fills (default %(default)s; 0: no cap)")
+    serve.add_argument("--log-requests", action="store_true", help="log every request on stderr")
+    serve.set_defaults(handler=cmd_serve)
 
     from mtpspec.drafter.recipe import add_arguments as add_train_arguments
 
@@ -321,6 +340,56 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if note:
             _note(note)
     print(json.dumps(doc, ensure_ascii=False))
+    return 0
+
+
+# --- serve ----------------------------------------------------------------------------------------
+
+SERVE_SPECS = ("mtp", "mtp-only", "ngram", "none")  # draft-model keeps per-row state: no joins
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from mtpspec.engine import Engine
+    from mtpspec.proposers.factory import make_proposer
+    from mtpspec.runtime import configure_threads, load_target
+    from mtpspec.server import ServeConfig, start
+
+    if args.max_len < 2:
+        raise UsageError(f"--max-len must be >= 2, got {args.max_len}")
+    if args.spec is not None and args.spec not in SERVE_SPECS:
+        raise UsageError(f"serve: unknown --spec {args.spec!r}; choose one of {', '.join(SERVE_SPECS)}")
+    if not 1 <= args.draft_k <= 32:
+        raise UsageError(f"--draft-k must be in 1..32, got {args.draft_k}")
+    if args.max_batch_size < 1:
+        raise UsageError(f"--max-batch-size must be >= 1, got {args.max_batch_size}")
+    if args.max_verify_rows < 0:
+        raise UsageError(f"--max-verify-rows must be >= 0, got {args.max_verify_rows}")
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port must be in 0..65535, got {args.port}")
+    configure_threads()
+    target = load_target(args.model, args.weights)
+    built = make_proposer(args.spec, target, _proposer_request(args))
+    if built.note:
+        _note(built.note)
+    engine = Engine(target.model, target.tokenizer, built.proposer, max_len=args.max_len)
+    config = ServeConfig(host=args.host, port=args.port, max_batch_size=args.max_batch_size,
+                         draft_k=args.draft_k if built.proposer is not None else 0,
+                         max_verify_rows=args.max_verify_rows or None,
+                         spec=built.spec, log_requests=args.log_requests)
+    try:
+        server = start(engine, target.name, config)
+    except OSError as err:
+        raise UsageError(f"cannot listen on {args.host}:{args.port}: {err.strerror or err}") from None
+    method = "plain" if built.proposer is None else f"{built.spec} k={config.draft_k}"
+    print(f"mtpspec: serving {target.name} ({target.weight_format}, {method}, up to "
+          f"{config.max_batch_size} sequences at once) on {server.url}/v1", file=sys.stderr,
+          flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("mtpspec: serve: shutting down", file=sys.stderr)
+    finally:
+        server.server_close()
     return 0
 
 

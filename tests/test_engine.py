@@ -1,15 +1,18 @@
 """Losslessness of the engine: greedy equality with many proposers, stops inside accepted blocks,
-seeded reproducibility, and a distribution test of speculative sampling against plain sampling."""
+seeded reproducibility, and a distribution test of speculative sampling against plain sampling;
+and of continuous batching: sequences that join, wait, leave and are cancelled at different steps
+decode exactly as they do alone, beside sampled rows too."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from mtpspec.engine import Engine, GenerateOptions
+from mtpspec.engine import BatchSession, Engine, FinishEvent, GenerateOptions
+from mtpspec.kv_cache import CacheFullError
 from mtpspec.proposers.base import Draft
 from mtpspec.proposers.draft_model import DraftModelProposer
 from mtpspec.proposers.ngram import NgramProposer
-from mtpspec.sampling import SamplingParams, logits_to_probs
+from mtpspec.sampling import SamplingParams, logits_to_probs, make_generator
 
 from conftest import tiny_model
 
@@ -143,17 +146,7 @@ def test_speculative_sampling_keeps_the_target_distribution(temperature, top_p):
     drafter = tiny_model(seed=6, vocab_size=vocab, num_layers=1)
     prompt = [2, 5, 7, 3]
     params = SamplingParams(temperature=temperature, top_p=top_p, seed=7)
-    # exact joint distribution of the first two tokens under the target
-    cache = target.new_cache(1, 16)
-    logits, _ = target(torch.tensor([prompt]), torch.arange(4)[None], cache)
-    p1 = logits_to_probs(logits[0, -1], params)
-    expected = torch.zeros(vocab * vocab)
-    for x in range(vocab):
-        if p1[x] == 0:
-            continue
-        c = target.new_cache(1, 16)
-        l2, _ = target(torch.tensor([prompt + [x]]), torch.arange(5)[None], c)
-        expected[x * vocab:(x + 1) * vocab] = p1[x] * logits_to_probs(l2[0, -1], params)
+    expected = _expected_joint(target, prompt, params, vocab)
     trials = 6000
     spec = _joint_counts(Engine(target, proposer=DraftModelProposer(drafter)), prompt, params,
                          trials, vocab)
@@ -198,3 +191,167 @@ def test_adaptive_draft_length_rule():
     assert schedule.k == 1
     schedule.update(0, 0)
     assert schedule.k == 1
+
+
+# --- continuous batching (BatchSession) --------------------------------------------------------
+
+def _run_session(session, plan, cancel_at=None):
+    """Add plan[j] = (join_step, prompt, options) at its step; optionally cancel one sequence at a
+    step: cancel_at = (step, j). Returns (results by j, most rows live at once)."""
+    ids, results, busiest, step = {}, {}, 0, 0
+    while step == 0 or not session.idle or len(ids) < len(plan):
+        for j, (join, prompt, options) in enumerate(plan):
+            if join == step:
+                ids[session.add(prompt, options)] = j
+        if cancel_at is not None and cancel_at[0] == step:
+            seq = next(s for s, j in ids.items() if j == cancel_at[1])
+            assert session.cancel(seq)
+        for event in session.step():
+            if isinstance(event, FinishEvent):
+                results[ids[event.row]] = event.result
+        busiest = max(busiest, len(session.live))
+        step += 1
+    return results, busiest
+
+
+@pytest.mark.parametrize("kind", ["plain", "ngram", "oracle", "random", "oracle-capped"])
+def test_continuous_batching_equals_solo_greedy(tiny, plain_outputs, kind, monkeypatch):
+    """Sequences join at different steps, wait for a free row, leave early (length, cancel):
+    every greedy output equals the prompt's solo greedy output."""
+    prompts, expected, _ = plain_outputs
+    vocab = tiny.config.vocab_size
+    proposer = {"plain": None, "ngram": NgramProposer(),
+                "oracle": OracleProposer(prompts, expected, vocab),
+                "random": RandomProposer(vocab, seed=3),
+                "oracle-capped": OracleProposer(prompts, expected, vocab)}[kind]
+    budgets = [24, 24, 17, 5, 24, 13, 8]
+    joins = [0, 0, 2, 3, 3, 9, 12]
+    plan = [(join, prompts[j % len(prompts)],
+             GenerateOptions(max_new_tokens=budget, ignore_eos=True, draft_k=3 + j % 3,
+                             adaptive_k=j == 4))
+            for j, (join, budget) in enumerate(zip(joins, budgets))]
+    rows = 6 if kind == "oracle-capped" else None  # 3 live rows: 1 draft each; 2 rows: 2
+    shapes = []  # [rows, drafts + 1] of every verification pass
+    forward = tiny.forward
+
+    def spy(ids, positions, cache, num_logits=1):
+        if num_logits is None:
+            shapes.append(tuple(ids.shape))
+        return forward(ids, positions, cache, num_logits)
+    monkeypatch.setattr(tiny, "forward", spy)
+    session = BatchSession(tiny, None, proposer, max_batch_size=3, max_len=64, max_draft_k=5,
+                           max_verify_rows=rows)
+    results, busiest = _run_session(session, plan, cancel_at=(2, 1))
+    assert busiest == (2 if kind == "oracle" else 3)  # the oracle finishes sequences fast
+    assert set(results) == set(range(len(plan))) - {1}
+    for j, result in results.items():
+        assert result.token_ids == expected[j % len(prompts)][:budgets[j]], j
+        assert result.finish_reason == "length"
+    if kind.startswith("oracle"):
+        assert sum(r.stats.draft_accepted for r in results.values()) > 0
+    assert len(shapes) == session.steps
+    if kind == "oracle-capped":
+        assert all(n * width <= rows for n, width in shapes)
+        assert any(width > 2 for _, width in shapes)  # fewer rows, longer drafts
+
+
+def test_mixed_sampling_rows_keep_greedy_rows_exact(tiny, plain_outputs):
+    """Greedy rows beside sampled rows (each with its own generator) stay exact, and a seeded
+    sampled sequence run alone twice gives the same tokens."""
+    prompts, expected, _ = plain_outputs
+    greedy = GenerateOptions(max_new_tokens=24, ignore_eos=True, draft_k=3)
+    sampled = [GenerateOptions(max_new_tokens=20, ignore_eos=True, draft_k=3,
+                               sampling=SamplingParams(temperature=t, top_p=0.9, seed=s))
+               for t, s in ((0.7, 1), (1.0, 2))]
+    plan = [(0, prompts[0], greedy), (0, prompts[1], sampled[0]), (1, prompts[2], greedy),
+            (2, prompts[3], sampled[1])]
+    session = BatchSession(tiny, None, NgramProposer(), max_batch_size=4, max_len=64,
+                           max_draft_k=3)
+    results, _ = _run_session(session, plan)
+    assert results[0].token_ids == expected[0] and results[2].token_ids == expected[2]
+    assert len(results[1].token_ids) == 20 and len(results[3].token_ids) == 20
+
+    def alone():
+        return Engine(tiny, proposer=NgramProposer()).generate([prompts[1]], sampled[0])[0]
+    assert alone().token_ids == alone().token_ids
+
+
+def _expected_joint(target, prompt, params, vocab):
+    """Exact joint distribution of the first two tokens under the target: [V * V]."""
+    cache = target.new_cache(1, 16)
+    logits, _ = target(torch.tensor([prompt]), torch.arange(len(prompt))[None], cache)
+    p1 = logits_to_probs(logits[0, -1], params)
+    expected = torch.zeros(vocab * vocab)
+    for x in range(vocab):
+        if p1[x] == 0:
+            continue
+        c = target.new_cache(1, 16)
+        l2, _ = target(torch.tensor([prompt + [x]]), torch.arange(len(prompt) + 1)[None], c)
+        expected[x * vocab:(x + 1) * vocab] = p1[x] * logits_to_probs(l2[0, -1], params)
+    return expected
+
+
+def test_point_mass_drafts_beside_greedy_rows_keep_the_distribution():
+    """With a greedy row in the batch the proposer drafts greedily for everyone and sampled rows
+    verify those drafts as point masses: still exactly the target's distribution."""
+    vocab, trials = 12, 6000
+    target = tiny_model(seed=5, vocab_size=vocab)
+    drafter = tiny_model(seed=6, vocab_size=vocab, num_layers=1)
+    prompt = [2, 5, 7, 3]
+    params = SamplingParams(temperature=0.8, seed=11)
+    session = BatchSession(target, None, DraftModelProposer(drafter, max_len=16),
+                           max_batch_size=trials + 1, max_len=16, max_draft_k=2)
+    session.add(prompt, GenerateOptions(max_new_tokens=4, ignore_eos=True, draft_k=2))
+    shared = make_generator(params)  # one group (verified in one call), beside the greedy row
+    options = GenerateOptions(max_new_tokens=4, ignore_eos=True, draft_k=2, sampling=params)
+    for _ in range(trials):
+        session.add(prompt, options, shared)
+    results = {}
+    while not session.idle:
+        results.update((e.row, e.result) for e in session.step() if isinstance(e, FinishEvent))
+    sampled = [results[seq] for seq in range(1, trials + 1)]
+    assert sum(r.stats.draft_proposed for r in sampled) >= trials  # speculation really ran
+    counts = torch.zeros(vocab * vocab)
+    for r in sampled:
+        counts[r.token_ids[0] * vocab + r.token_ids[1]] += 1
+    expected = _expected_joint(target, prompt, params, vocab)
+    keep = expected * trials >= 5
+    chi2 = (((counts - expected * trials) ** 2) / (expected * trials).clamp(min=1e-9))[keep].sum()
+    dof = int(keep.sum()) - 1
+    assert chi2 < dof + 5 * (2 * dof) ** 0.5, (float(chi2), dof)
+
+
+def test_session_refuses_what_does_not_fit(tiny):
+    session = BatchSession(tiny, None, NgramProposer(), max_batch_size=2, max_len=32,
+                           max_draft_k=4)
+    assert session.max_new_tokens_for(10) == 32 - 10 - 4 - 1
+    with pytest.raises(CacheFullError, match="the context holds 32"):
+        session.add([2] * 10, GenerateOptions(max_new_tokens=18))
+    with pytest.raises(ValueError):
+        session.add([], GenerateOptions())
+    with pytest.raises(ValueError, match="draft_k"):
+        session.add([2, 3], GenerateOptions(max_new_tokens=4, draft_k=8))
+    assert session.idle and not session.cancel(12345)
+
+
+@pytest.mark.slow
+@pytest.mark.real
+def test_continuous_batching_real_model_mtp(real_target):
+    """The default model with its MTP drafter: joining and leaving does not change greedy output."""
+    from mtpspec.proposers.factory import ProposerRequest, make_proposer
+
+    tokenizer = real_target.tokenizer
+    proposer = make_proposer("mtp", real_target, ProposerRequest()).proposer
+    texts = ["Question: What is the capital of France?\nAnswer:",
+             "def fibonacci(n):\n", "The three primary colors are",
+             "Question: Why do cats purr?\nAnswer:"]
+    prompts = [tokenizer.encode(t) for t in texts]
+    budgets = [40, 24, 32, 16]
+    engine = Engine(real_target.model, tokenizer, proposer, max_len=256)
+    solo = [engine.generate([p], GenerateOptions(max_new_tokens=b, draft_k=4))[0].token_ids
+            for p, b in zip(prompts, budgets)]
+    plan = [(join, p, GenerateOptions(max_new_tokens=b, draft_k=4))
+            for join, p, b in zip([0, 1, 1, 4], prompts, budgets)]
+    results, busiest = _run_session(engine.session(3, 4), plan)
+    assert busiest == 3
+    assert [results[j].token_ids for j in range(len(plan))] == solo

@@ -1,0 +1,358 @@
+"""Continuous batching for speculative decoding: sequences join, step together, and leave.
+
+A ``BatchSession`` owns one preallocated ``KVCache`` of ``max_batch_size`` rows x ``max_len``
+positions. Live sequences always occupy rows ``0..n-1`` (the model and the drafters read the
+first n rows): a joining sequence is prefilled into row n (batched with any other joiners), and
+when row i leaves, the last live row's valid cache slots are copied into row i (one copy of
+``position`` slots per leave; decoding never copies).
+
+One ``step``:
+1. admit waiting sequences (prefill, first token);
+2. draft for every live row at once: ``k_b`` tokens for row b (its own draft length, adaptive or
+   fixed, never past its remaining budget), padded to the widest row;
+3. ONE target pass over ``[pending, d_1..d_w]`` for all rows at their own positions;
+4. verify each row on its own terms: greedy rows by argmax match, sampled rows by rejection
+   sampling with their own generator (rows that share a generator, as ``Engine.generate``'s
+   batch does, are verified together);
+5. commit ``n_b + 1`` tokens per row (stops applied token by token) and move its position.
+
+Sampled rows and the proposer: a proposer sees one ``SamplingParams``. When every live row shares
+one sampling group (the same params and generator), drafts are drawn from the proposer's q under
+those params, as for a single request. When rows differ, the proposer drafts greedily for all of
+them and sampled rows verify those drafts as point masses (q = one-hot), which is lossless for any
+draft chosen independently of the verifier's randomness; it only accepts less often.
+
+Draft lengths and the batch: a verification pass costs a fixed weight read plus a compute cost
+per row (on a CPU mostly the LM head over the whole vocabulary), so k drafts for each of n rows
+cost n * (k + 1) rows. ``max_verify_rows`` caps that: each row drafts at most
+``max_verify_rows // n - 1`` tokens, so speculation fades out as the batch fills. Draft lengths
+never change greedy output.
+
+Greedy output of a sequence does not depend on its neighbours: rows never attend to each other,
+and each row's drafts are cut to its own length before verification.
+
+Must not: run from more than one thread (the server's scheduler owns it), or hold per-request
+state anywhere but in ``_Sequence``.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Hashable
+from dataclasses import dataclass
+
+import torch
+
+from mtpspec.kv_cache import CacheFullError
+from mtpspec.models.gemma3 import Gemma3Model
+from mtpspec.proposers.base import Draft, DraftState, Proposer, empty_draft
+from mtpspec.sampling import SamplingParams, logits_to_probs, make_generator, sample
+from mtpspec.sequence import (AdaptiveDraftLength, FinishEvent, GenerateOptions, SequenceOutput,
+                              TokenEvent)
+from mtpspec.tokenizer import Tokenizer
+from mtpspec.verify import greedy_verify, rejection_verify
+
+PREFILL_CHUNK = 512
+GREEDY = SamplingParams()
+
+Event = TokenEvent | FinishEvent
+
+
+@dataclass
+class _Sequence:
+    """One sequence in the session: its request, output, and where it stands in the cache."""
+
+    seq_id: int
+    prompt: list[int]
+    options: GenerateOptions
+    generator: torch.Generator | None
+    output: SequenceOutput
+    schedule: AdaptiveDraftLength | None
+    history: list[int]                  # prompt, emitted tokens, and last the pending token
+    position: int = 0                   # position of the pending token; slots < it are valid
+    pending: int = 0                    # emitted, not yet in the cache
+    hidden: torch.Tensor | None = None  # [d] the target's state that predicted ``pending``
+    decode_start: float = 0.0
+
+    @property
+    def group(self) -> Hashable:
+        """Rows with equal groups are verified (and may be drafted) together."""
+        if self.options.sampling.greedy:
+            return "greedy"
+        return (self.options.sampling, id(self.generator))
+
+
+class BatchSession:
+    """Step-wise continuous batching over one target; see the module docstring."""
+
+    def __init__(self, model: Gemma3Model, tokenizer: Tokenizer | None, proposer: Proposer | None,
+                 max_batch_size: int, max_len: int, max_draft_k: int,
+                 max_verify_rows: int | None = None):
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        self.model, self.tokenizer, self.proposer = model, tokenizer, proposer
+        self.max_batch_size = max_batch_size
+        self.max_len = min(max_len, model.config.max_position_embeddings)
+        self.max_draft_k = max_draft_k if proposer is not None else 0
+        self.max_verify_rows = max_verify_rows  # None: no cap on n * (k + 1)
+        self.cache = model.new_cache(max_batch_size, self.max_len)  # [L, B, kvh, S, D]
+        self.live: list[_Sequence] = []      # live[i] owns cache row i
+        self.waiting: deque[_Sequence] = deque()
+        self._next_id = 0
+        self.steps = 0        # batched target passes after prefill
+        self.row_steps = 0    # sum over those passes of the rows they verified
+
+    # --- joining and leaving -------------------------------------------------------------------
+
+    def max_new_tokens_for(self, prompt_len: int) -> int:
+        """The most new tokens a prompt of ``prompt_len`` tokens may ask for (may be <= 0)."""
+        return self.max_len - prompt_len - self.max_draft_k - 1
+
+    def check(self, prompt: list[int], options: GenerateOptions) -> None:
+        """Raise ValueError/CacheFullError unless ``add(prompt, options)`` would be accepted.
+        Reads only configuration, so any thread may call it."""
+        if len(prompt) == 0:
+            raise ValueError("every prompt needs at least one token")
+        vocab = self.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in prompt):
+            raise ValueError(f"token ids must lie in 0..{vocab - 1}")
+        if options.draft_k > self.max_draft_k and self.proposer is not None:
+            raise ValueError(f"draft_k={options.draft_k} exceeds this session's {self.max_draft_k}")
+        room = self.max_new_tokens_for(len(prompt))
+        if options.max_new_tokens > room:
+            raise CacheFullError(
+                f"prompt of {len(prompt)} tokens plus max_new_tokens={options.max_new_tokens} "
+                f"needs {len(prompt) + options.max_new_tokens + self.max_draft_k + 1} positions "
+                f"(drafting reserves {self.max_draft_k + 1}); the context holds {self.max_len}"
+            )
+
+    def add(self, prompt: list[int], options: GenerateOptions,
+            generator: torch.Generator | None = None) -> int:
+        """Queue a sequence; it joins at the next ``step`` with a free row. Returns its id.
+
+        ``generator``: for sampled options, a generator to share with other sequences (one
+        random stream for a batch); None makes one from ``options.sampling.seed``."""
+        self.check(prompt, options)
+        if generator is None:
+            generator = make_generator(options.sampling)
+        k = options.draft_k if self.proposer is not None else 0
+        seq = _Sequence(
+            seq_id=self._next_id, prompt=list(prompt), options=options, generator=generator,
+            output=SequenceOutput(self.tokenizer, options, self.model.config.eos_token_ids),
+            schedule=AdaptiveDraftLength(k) if options.adaptive_k and k > 0 else None,
+            history=list(prompt))
+        self._next_id += 1
+        self.waiting.append(seq)
+        return seq.seq_id
+
+    def cancel(self, seq_id: int) -> bool:
+        """Drop a waiting or live sequence now (its row is freed); False if it is unknown."""
+        for seq in self.waiting:
+            if seq.seq_id == seq_id:
+                self.waiting.remove(seq)
+                return True
+        for row, seq in enumerate(self.live):
+            if seq.seq_id == seq_id:
+                self._remove_rows([row])
+                return True
+        return False
+
+    @property
+    def idle(self) -> bool:
+        return not self.live and not self.waiting
+
+    def _remove_rows(self, rows: list[int]) -> None:
+        """Free cache rows: the last live row moves into each hole (its valid slots are copied)."""
+        cache = self.cache
+        for row in sorted(rows, reverse=True):
+            last = len(self.live) - 1
+            if row != last:
+                valid = self.live[last].position
+                cache.k[:, row, :, :valid] = cache.k[:, last, :, :valid]
+                cache.v[:, row, :, :valid] = cache.v[:, last, :, :valid]
+                self.live[row] = self.live[last]
+            self.live.pop()
+
+    # --- one step ------------------------------------------------------------------------------
+
+    def step(self) -> list[Event]:
+        """Admit waiting sequences, then run one draft -> verify -> commit step for all rows."""
+        events: list[Event] = []
+        self._admit(events)
+        if self.live:
+            self._decode(events)
+        return events
+
+    def _admit(self, events: list[Event]) -> None:
+        free = self.max_batch_size - len(self.live)
+        joining = [self.waiting.popleft() for _ in range(min(free, len(self.waiting)))]
+        if not joining:
+            return
+        if self.proposer is not None:
+            self.proposer.reset()  # stateful proposers (a draft model's cache) resynchronise
+        start = time.perf_counter()
+        first_row = len(self.live)
+        hidden = self._prefill([seq.prompt for seq in joining], first_row)  # [m, d]
+        logits = self.model.lm_head(hidden)  # [m, V]
+        first = self._select(logits, joining)  # [m]
+        now = time.perf_counter()
+        self.live.extend(joining)
+        for j, seq in enumerate(joining):
+            seq.position, seq.pending, seq.hidden = len(seq.prompt), int(first[j]), hidden[j]
+            seq.history.append(seq.pending)
+            seq.output.stats.prompt_tokens = len(seq.prompt)
+            seq.output.stats.prefill_s = now - start
+            seq.decode_start = now
+            self._emit(seq, seq.pending, False, events)
+        self._retire(events)
+
+    def _prefill(self, prompts: list[list[int]], first_row: int) -> torch.Tensor:
+        """Prefill ``prompts`` into cache rows first_row.. (right-padded; pad slots are
+        overwritten before they are read); returns each prompt's last hidden state [m, d]."""
+        model, batch = self.model, len(prompts)
+        lengths = torch.tensor([len(p) for p in prompts])  # [m]
+        longest = int(lengths.max())
+        # rows 0..m-1 of some cache: this session's own when they are the first free rows
+        cache = self.cache if first_row == 0 else model.new_cache(batch, longest)
+        ids = torch.full((batch, longest), model.config.pad_token_id, dtype=torch.long)
+        for b, prompt in enumerate(prompts):
+            ids[b, :len(prompt)] = torch.tensor(prompt)
+        last_hidden = torch.empty(batch, model.config.hidden_size)
+        for begin in range(0, longest, PREFILL_CHUNK):
+            end = min(begin + PREFILL_CHUNK, longest)
+            positions = torch.arange(begin, end).expand(batch, -1)
+            _, hidden = model(ids[:, begin:end], positions, cache, num_logits=0)  # [m, T, d]
+            inside = (lengths - 1 >= begin) & (lengths - 1 < end)
+            for b in torch.nonzero(inside).flatten().tolist():
+                last_hidden[b] = hidden[b, int(lengths[b]) - 1 - begin]
+        if cache is not self.cache:
+            for b, prompt in enumerate(prompts):
+                row = first_row + b
+                self.cache.k[:, row, :, :len(prompt)] = cache.k[:, b, :, :len(prompt)]
+                self.cache.v[:, row, :, :len(prompt)] = cache.v[:, b, :, :len(prompt)]
+        return last_hidden
+
+    def _select(self, logits: torch.Tensor, seqs: list[_Sequence]) -> torch.Tensor:
+        """First token per sequence from logits [m, V]: argmax, or a sample with its generator."""
+        tokens = logits.argmax(dim=-1)  # [m]
+        for group, rows in _groups(seqs).items():
+            if group == "greedy":
+                continue
+            seq = seqs[rows[0]]
+            index = torch.tensor(rows)
+            probs = logits_to_probs(logits[index], seq.options.sampling)  # [g, V]
+            tokens[index] = sample(probs, seq.generator)
+        return tokens
+
+    def _decode(self, events: list[Event]) -> None:
+        live = self.live
+        counts = torch.tensor([self._draft_len(seq) for seq in live])  # [n] drafts wanted per row
+        if self.max_verify_rows is not None:
+            counts = counts.clamp(max=max(0, self.max_verify_rows // len(live) - 1))
+        draft, shared = self._draft(int(counts.max()))
+        counts = counts.clamp(max=draft.k)
+        if draft.num_drafts is not None:
+            counts = torch.minimum(counts, draft.num_drafts)
+        width = int(counts.max())  # drafts past every row's own length are never verified
+        tokens = draft.tokens[:, :width]  # [n, w]
+        probs = draft.probs[:, :width] if draft.probs is not None and shared else None
+
+        positions = torch.tensor([seq.position for seq in live])  # [n]
+        pending = torch.tensor([seq.pending for seq in live])  # [n]
+        ids = torch.cat([pending[:, None], tokens], dim=1)  # [n, w+1]
+        block = positions[:, None] + torch.arange(width + 1)  # [n, w+1]
+        logits, hidden = self.model(ids, block, self.cache, num_logits=None)  # [n, w+1, V|d]
+        emitted, accepted = self._verify(logits, tokens, probs, counts)
+        self.steps += 1
+        self.row_steps += len(live)
+
+        now = time.perf_counter()
+        for row in range(len(live)):
+            seq, n, drafted = live[row], int(accepted[row]), int(counts[row])
+            seq.output.stats.record_step(drafted, n, n + 1)
+            if seq.schedule is not None:
+                seq.schedule.update(drafted, n)
+            for i in range(n + 1):
+                self._emit(seq, int(emitted[row, i]), i < n, events)
+                if seq.output.finish is not None:
+                    break
+            seq.history.extend(int(t) for t in emitted[row, :n + 1])
+            seq.position += n + 1
+            seq.pending = int(emitted[row, n])
+            seq.hidden = hidden[row, n]  # [d]
+            seq.output.stats.decode_s = now - seq.decode_start
+        self._retire(events)
+
+    def _draft_len(self, seq: _Sequence) -> int:
+        """Drafts for this row's next step: its (adaptive) k, never past what it may still emit."""
+        if self.proposer is None:
+            return 0
+        k = seq.schedule.k if seq.schedule is not None else seq.options.draft_k
+        left = seq.options.max_new_tokens - len(seq.output.tokens)
+        return max(0, min(k, self.max_draft_k, left - 1))
+
+    def _draft(self, k: int) -> tuple[Draft, bool]:
+        """Draft k tokens for every live row; also whether they came from the rows' own params."""
+        live = self.live
+        if k == 0:
+            return empty_draft(len(live)), False
+        groups = {seq.group for seq in live}
+        shared = len(groups) == 1
+        params, generator = ((live[0].options.sampling, live[0].generator) if shared
+                             else (GREEDY, None))
+        state = DraftState(
+            tokens=[seq.history for seq in live],
+            hidden=torch.stack([seq.hidden for seq in live]),  # [n, d]
+            positions=torch.tensor([seq.position for seq in live]),  # [n]
+            cache=self.cache, params=params, generator=generator)
+        return self.proposer.propose(state, k), shared
+
+    def _verify(self, logits: torch.Tensor, tokens: torch.Tensor, probs: torch.Tensor | None,
+                counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per group of rows: greedy or rejection verification. logits [n, w+1, V], tokens
+        [n, w], probs [n, w, V] or None, counts [n] -> (emitted [n, w+1], accepted [n])."""
+        batch, width = tokens.shape
+        emitted = torch.full((batch, width + 1), -1, dtype=torch.long)
+        accepted = torch.zeros(batch, dtype=torch.long)
+        for group, rows in _groups(self.live).items():
+            index = torch.tensor(rows) if len(rows) < batch else slice(None)
+            if group == "greedy":
+                result = greedy_verify(logits[index], tokens[index], counts[index])
+            else:
+                seq = self.live[rows[0]]
+                p = logits_to_probs(logits[index], seq.options.sampling)  # [g, w+1, V]
+                q = probs[index] if probs is not None else None
+                result = rejection_verify(p, tokens[index], q, seq.generator, counts[index])
+            emitted[index] = result.tokens
+            accepted[index] = result.num_accepted
+        return emitted, accepted
+
+    # --- output --------------------------------------------------------------------------------
+
+    @staticmethod
+    def _emit(seq: _Sequence, token: int, from_draft: bool, events: list[Event]) -> None:
+        if seq.output.finish is not None:
+            return
+        text = seq.output.push(token, from_draft)
+        if text is not None:
+            events.append(TokenEvent(seq.seq_id, token, from_draft, text))
+
+    def _retire(self, events: list[Event]) -> None:
+        """Finished sequences release their held text, report, and leave the batch."""
+        done = [row for row, seq in enumerate(self.live) if seq.output.finish is not None]
+        for row in done:
+            seq = self.live[row]
+            text = seq.output.close()
+            if text:
+                events.append(TokenEvent(seq.seq_id, -1, False, text))
+            events.append(FinishEvent(seq.seq_id, seq.output.result()))
+        if done:
+            self._remove_rows(done)
+
+
+def _groups(seqs: list[_Sequence]) -> dict[Hashable, list[int]]:
+    """Row indices of ``seqs`` by sampling group, in order."""
+    groups: dict[Hashable, list[int]] = {}
+    for row, seq in enumerate(seqs):
+        groups.setdefault(seq.group, []).append(row)
+    return groups
