@@ -22,7 +22,7 @@ CPP = r"""
 namespace fused {
 
 using PackedSpec = std::tuple<torch::Tensor, torch::Tensor, int64_t, int64_t, int64_t, int64_t>;
-constexpr int64_t kBlock = 128;   // key slots per attention work item
+constexpr int64_t kBlock = 128;   // key slots per attention block (absolute slot multiples)
 constexpr int64_t kMaxHeadDim = 512;
 
 struct Linear {  // a packed weight (see ops.py) and the tensors that own it
@@ -212,7 +212,8 @@ static void attend_item(const Attention& a, const AttnItem& it, float* part, flo
   }
   const float* kseq = a.kc + (a.rowb[it.r0] * a.kvh + it.g) * a.S * d;
   const float* vseq = a.vc + (a.rowb[it.r0] * a.kvh + it.g) * a.S * d;
-  for (int64_t b0 = it.s0; b0 < it.s1; b0 += kBlock) {
+  // blocks at absolute slot multiples of kBlock: a row's blocks never depend on its tile
+  for (int64_t b0 = it.s0 / kBlock * kBlock; b0 < it.s1; b0 += kBlock) {
     const int64_t n = std::min(it.s1, b0 + kBlock) - b0;
     const float* k = kseq + b0 * d;
     const float* v = vseq + b0 * d;
@@ -257,6 +258,7 @@ static void attend_item(const Attention& a, const AttnItem& it, float* part, flo
 }
 
 constexpr int64_t kTileRows = 16;
+constexpr int64_t kSplit = 2 * kBlock;  // key slots per attention work item (a multiple of kBlock)
 
 static void attention(const Attention& a, int64_t N, int64_t threads) {
   const int64_t group = a.H / a.kvh, d = a.Dh, stride = kTileRows * group * (d + 2);
@@ -275,16 +277,16 @@ static void attention(const Attention& a, int64_t N, int64_t threads) {
     tiles.push_back(t);
     r0 = r1;
   }
-  // split key ranges only when there are too few tiles to keep the threads busy (decode)
-  const int64_t per_tile = std::max<int64_t>(1, (4 * threads + (int64_t)tiles.size() * a.kvh - 1) / ((int64_t)tiles.size() * a.kvh));
+  // Key ranges are split at absolute multiples of kSplit slots, whatever the tiles and threads:
+  // each row then sums the same parts in the same order alone, in a batch or in a verification
+  // block, so its output is bit-identical in all three (greedy speculative decoding stays exact)
   std::vector<AttnItem> items;
   std::vector<int64_t> first;  // per (tile, g): its first item; then the end
   for (const Tile& t : tiles)
     for (int64_t g = 0; g < a.kvh; ++g) {
       first.push_back((int64_t)items.size());
-      const int64_t nblocks = (std::max<int64_t>(t.hi - t.lo, 0) + kBlock - 1) / kBlock;
-      const int64_t parts = std::min(per_tile, nblocks), step = parts ? (nblocks + parts - 1) / parts * kBlock : 0;
-      for (int64_t s0 = t.lo; s0 < t.hi; s0 += step) items.push_back({t.r0, t.r1, g, s0, std::min(t.hi, s0 + step)});
+      for (int64_t c = t.lo / kSplit * kSplit; c < t.hi; c += kSplit)
+        items.push_back({t.r0, t.r1, g, std::max(c, t.lo), std::min(t.hi, c + kSplit)});
     }
   first.push_back((int64_t)items.size());
   auto part = scratch((int64_t)items.size() * stride);

@@ -111,93 +111,112 @@ static inline void load_w(const uint8_t* w, int64_t k, __m256& w0, __m256& w1, c
   }
 }
 
-// y[r, 0:16] = sum_k x[r, k] * W[panel][k, 0:16] for r < MR, with KU independent k-streams.
+// y[r, 16q : 16q+16] = sum_k x[r, k] * W[panel p+q][k, 0:16] for r < MR, q < NP.
+// Every output element is one accumulator fed by one FMA per k, in k order, then (int8) scaled:
+// the same operations in the same order whatever MR and NP are, so a row's result never depends
+// on how many rows share the call. That makes speculative decoding exact on this path: a
+// verification pass over k+1 tokens, a batch of sequences, a prefill chunk and a one-token decode
+// step give each token bit-identical numbers, so greedy speculative output is plain greedy output
+// even at near-ties (tests/test_ops.py). FMA latency is hidden by independent accumulators across
+// rows and panels (MR x NP x 2 of them), never by splitting k, which would change the sums.
 // Kept out of line with its loops fully unrolled, so that the accumulators stay in registers
 // whatever the callers look like (inlined into a large caller, GCC kept them on the stack: 2.5x
 // slower at MR >= 4).
 #define MTP_UNROLL _Pragma("GCC unroll 16")
-template <int FMT, int MR, int KU>
-__attribute__((noinline)) static void micro(const Job& j, int64_t p, int64_t r0, float* out /*[MR,16]*/) {
+template <int FMT, int MR, int NP>
+__attribute__((noinline)) static void micro(const Job& j, int64_t p, int64_t r0, float* out /*[MR, 64]*/) {
   const int64_t K = j.K;
-  const uint8_t* w = j.w;
   const float* x = j.x + r0 * K;
   const int64_t esize = FMT == F32 ? 64 : FMT == BF16 ? 32 : FMT == I8 ? 16 : 8;
-  w += p * K * esize;
-  __m256 acc[KU][MR][2];
-  MTP_UNROLL for (int u = 0; u < KU; ++u)
-    MTP_UNROLL for (int r = 0; r < MR; ++r) acc[u][r][0] = acc[u][r][1] = _mm256_setzero_ps();
+  const uint8_t* w[NP];
+  MTP_UNROLL for (int q = 0; q < NP; ++q) w[q] = j.w + (p + q) * K * esize;
+  __m256 acc[NP][MR][2];
+  MTP_UNROLL for (int q = 0; q < NP; ++q)
+    MTP_UNROLL for (int r = 0; r < MR; ++r) acc[q][r][0] = acc[q][r][1] = _mm256_setzero_ps();
   const int64_t G = FMT == I4 ? j.G : K;
   const int64_t ng = (K + G - 1) / G;
-  const uint16_t* sp = FMT == I4 ? reinterpret_cast<const uint16_t*>(j.s) + p * ng * 32 : nullptr;
   for (int64_t g = 0; g < ng; ++g) {
-    alignas(32) float sb[32];  // int4: this group's scales (16) then offsets (16), as fp32
+    alignas(32) float sb[NP][32];  // int4: each panel's group scales (16) then offsets (16), fp32
     if constexpr (FMT == I4) {
-      const __m128i* q = reinterpret_cast<const __m128i*>(sp + g * 32);
-      for (int i = 0; i < 4; ++i) _mm256_store_ps(sb + 8 * i, _mm256_cvtph_ps(_mm_loadu_si128(q + i)));
+      MTP_UNROLL for (int q = 0; q < NP; ++q) {
+        const __m128i* s = reinterpret_cast<const __m128i*>(reinterpret_cast<const uint16_t*>(j.s) + ((p + q) * ng + g) * 32);
+        for (int i = 0; i < 4; ++i) _mm256_store_ps(sb[q] + 8 * i, _mm256_cvtph_ps(_mm_loadu_si128(s + i)));
+      }
     }
-    const int64_t k0 = g * G, k1 = std::min(K, k0 + G);
-    int64_t k = k0;
-    for (; k + KU <= k1; k += KU) {
-      MTP_UNROLL for (int u = 0; u < KU; ++u) {
+    const int64_t k1 = std::min(K, (g + 1) * G);
+    for (int64_t k = g * G; k < k1; ++k) {
+      MTP_UNROLL for (int q = 0; q < NP; ++q) {
         __m256 w0, w1;
-        load_w<FMT>(w, k + u, w0, w1, sb);
+        load_w<FMT>(w[q], k, w0, w1, sb[q]);
         MTP_UNROLL for (int r = 0; r < MR; ++r) {
-          __m256 xb = _mm256_broadcast_ss(x + r * K + k + u);
-          acc[u][r][0] = _mm256_fmadd_ps(xb, w0, acc[u][r][0]);
-          acc[u][r][1] = _mm256_fmadd_ps(xb, w1, acc[u][r][1]);
+          const __m256 xb = _mm256_broadcast_ss(x + r * K + k);
+          acc[q][r][0] = _mm256_fmadd_ps(xb, w0, acc[q][r][0]);
+          acc[q][r][1] = _mm256_fmadd_ps(xb, w1, acc[q][r][1]);
         }
       }
     }
-    for (; k < k1; ++k) {
-      __m256 w0, w1;
-      load_w<FMT>(w, k, w0, w1, sb);
-      MTP_UNROLL for (int r = 0; r < MR; ++r) {
-        __m256 xb = _mm256_broadcast_ss(x + r * K + k);
-        acc[0][r][0] = _mm256_fmadd_ps(xb, w0, acc[0][r][0]);
-        acc[0][r][1] = _mm256_fmadd_ps(xb, w1, acc[0][r][1]);
-      }
+  }
+  MTP_UNROLL for (int q = 0; q < NP; ++q) {
+    __m256 sc0 = _mm256_set1_ps(1.f), sc1 = sc0;
+    if constexpr (FMT == I8) {
+      const float* sc = reinterpret_cast<const float*>(j.s) + (p + q) * 16;
+      sc0 = _mm256_loadu_ps(sc); sc1 = _mm256_loadu_ps(sc + 8);
+    }
+    MTP_UNROLL for (int r = 0; r < MR; ++r) {
+      __m256 a0 = acc[q][r][0], a1 = acc[q][r][1];
+      if constexpr (FMT == I8) { a0 = _mm256_mul_ps(a0, sc0); a1 = _mm256_mul_ps(a1, sc1); }
+      _mm256_storeu_ps(out + r * 64 + q * 16, a0); _mm256_storeu_ps(out + r * 64 + q * 16 + 8, a1);
     }
   }
-  __m256 sc0 = _mm256_set1_ps(1.f), sc1 = sc0;
-  if constexpr (FMT == I8) {
-    const float* sc = reinterpret_cast<const float*>(j.s) + p * 16;
-    sc0 = _mm256_loadu_ps(sc); sc1 = _mm256_loadu_ps(sc + 8);
-  }
-  MTP_UNROLL for (int r = 0; r < MR; ++r) {
-    __m256 a0 = acc[0][r][0], a1 = acc[0][r][1];
-    MTP_UNROLL for (int u = 1; u < KU; ++u) { a0 = _mm256_add_ps(a0, acc[u][r][0]); a1 = _mm256_add_ps(a1, acc[u][r][1]); }
-    if constexpr (FMT == I8) { a0 = _mm256_mul_ps(a0, sc0); a1 = _mm256_mul_ps(a1, sc1); }
-    _mm256_storeu_ps(out + r * 16, a0); _mm256_storeu_ps(out + r * 16 + 8, a1);
-  }
 }
 
+// rows x np panels from panel p; np is the number of panels handled at once (1 for a remainder)
 template <int FMT>
-static void block(const Job& j, int64_t p, int64_t r0, int rows, float* out) {
-  switch (rows) {  // 8-12 accumulators; k-unrolled streams hide FMA latency for few rows
-    case 1: micro<FMT, 1, 4>(j, p, r0, out); break;
-    case 2: micro<FMT, 2, 2>(j, p, r0, out); break;
-    case 3: micro<FMT, 3, 2>(j, p, r0, out); break;
-    case 4: micro<FMT, 4, 1>(j, p, r0, out); break;
-    case 5: micro<FMT, 5, 1>(j, p, r0, out); break;
-    default: micro<FMT, 6, 1>(j, p, r0, out); break;
+static int block(const Job& j, int64_t p, int64_t r0, int rows, int64_t left, float* out) {
+  switch (rows) {  // 8-12 independent accumulators: enough to hide FMA latency
+    case 1: if (left >= 4) { micro<FMT, 1, 4>(j, p, r0, out); return 4; } break;
+    case 2: if (left >= 2) { micro<FMT, 2, 2>(j, p, r0, out); return 2; } break;
+    case 3:  // rows 0-1 two panels at a time, row 2 four at a time
+      if (left >= 4) {
+        micro<FMT, 2, 2>(j, p, r0, out); micro<FMT, 2, 2>(j, p + 2, r0, out + 32);
+        micro<FMT, 1, 4>(j, p, r0 + 2, out + 2 * 64);
+        return 4;
+      }
+      break;
+    case 4: micro<FMT, 4, 1>(j, p, r0, out); return 1;
+    case 5: micro<FMT, 5, 1>(j, p, r0, out); return 1;
+    default: micro<FMT, 6, 1>(j, p, r0, out); return 1;
   }
+  switch (rows) {
+    case 1: micro<FMT, 1, 1>(j, p, r0, out); break;
+    case 2: micro<FMT, 2, 1>(j, p, r0, out); break;
+    default: micro<FMT, 3, 1>(j, p, r0, out); break;
+  }
+  return 1;
 }
 
-// panels [p0, p1) of the job; output channel n of row r goes to y[r * N + n]
+// panels [p0, p1) of the job; output channel n of row r goes to y[r * N + n]. Up to 4 panels
+// (the weights one row block reads) at a time; every row block reuses them from cache.
 template <int FMT>
 static void run_panels(const Job& j, int64_t p0, int64_t p1) {
   const int max_rows = 6;
   const int64_t nblocks = (j.M + max_rows - 1) / max_rows;
-  alignas(32) float out[6 * 16];
-  for (int64_t p = p0; p < p1; ++p) {
-    const int64_t n0 = p * 16, nv = std::min<int64_t>(16, j.N - n0);
+  alignas(32) float out[6 * 64];
+  for (int64_t pg = p0; pg < p1; pg += 4) {
+    const int64_t pe = std::min(p1, pg + 4);
     int64_t r0 = 0;
     for (int64_t b = 0; b < nblocks; ++b) {
       // spread rows evenly over blocks: 8 -> 4+4, 9 -> 5+4, 16 -> 6+5+5
       const int rows = (int)((j.M - r0) / (nblocks - b) + ((j.M - r0) % (nblocks - b) ? 1 : 0));
-      block<FMT>(j, p, r0, rows, out);
-      for (int r = 0; r < rows; ++r)
-        std::memcpy(j.y + (r0 + r) * j.N + n0 - j.n_base, out + r * 16, nv * sizeof(float));
+      for (int64_t p = pg; p < pe;) {
+        const int np = block<FMT>(j, p, r0, rows, pe - p, out);
+        for (int q = 0; q < np; ++q) {
+          const int64_t n0 = (p + q) * 16, nv = std::min<int64_t>(16, j.N - n0);
+          for (int r = 0; r < rows; ++r)
+            std::memcpy(j.y + (r0 + r) * j.N + n0 - j.n_base, out + r * 64 + q * 16, nv * sizeof(float));
+        }
+        p += np;
+      }
       r0 += rows;
     }
   }
@@ -327,7 +346,8 @@ static void packed_matmul(const PackedRef& p, const float* x, int64_t M, float* 
   if (M == 0) return;
   const int64_t npanels = (p.N + 15) / 16;
   const int64_t esize = p.fmt == F32 ? 64 : p.fmt == BF16 ? 32 : p.fmt == I8 ? 16 : 8;
-  int64_t ppc = std::max<int64_t>(1, chunk_bytes / (p.K * esize));
+  // whole groups of 4 panels per chunk: one-row products run 4 panels at a time (see micro)
+  int64_t ppc = (std::max<int64_t>(1, chunk_bytes / (p.K * esize)) + 3) / 4 * 4;
   int64_t nchunks = (npanels + ppc - 1) / ppc;
   if (nchunks > (int64_t)pool::kMask) { ppc = (npanels + pool::kMask - 1) / pool::kMask; nchunks = (npanels + ppc - 1) / ppc; }
   Job j{x, M, p.K, p.N, p.w, p.s, p.G, y, p.fmt, ppc, npanels};

@@ -310,3 +310,36 @@ def test_memory_accounting_counts_the_fused_copies():
     copy = target.embed.nbytes  # the same rows (plus padding), in the target's format
     assert proposer_nbytes(fast, target) >= module_nbytes(head) + copy
     assert fast.fused.nbytes >= copy
+
+
+# ---- batch invariance: every token's numbers are the same however the call is shaped
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_tokens_logits_do_not_depend_on_the_call_shape(fmt):
+    """Greedy speculative decoding reproduces plain decoding bit for bit only if a token's logits
+    are identical whether it is decoded alone, verified inside a block of k+1 tokens, or decoded
+    beside other sequences: compare all three exactly (contexts cross several attention parts)."""
+    target = tiny_model(seed=15, fmt=fmt, max_position_embeddings=2048)
+    with torch.inference_mode():  # the fused path runs
+        assert target._fused_stack(torch.zeros(1, 1, dtype=torch.long), target.new_cache(1, 8))
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, target.config.vocab_size, (2, 700), generator=gen)
+
+    def run(batch_rows, blocks):
+        """logits [rows, T, V] of sequences fed in ``blocks`` of tokens after a 300-token prefill."""
+        cache = target.new_cache(len(batch_rows), 720)
+        out, start = [], 0
+        for size in [300] + blocks:
+            chunk = ids[batch_rows, start:start + size]
+            pos = torch.arange(start, start + size).expand(len(batch_rows), -1)
+            logits, _ = target(chunk, pos, cache, num_logits=None)
+            out.append(logits)
+            start += size
+        return torch.cat(out, dim=1)
+
+    one_by_one = run([0], [1] * 33)  # plain decoding
+    blocks = run([0], [5, 1, 8, 3, 9, 7])  # verification blocks of k+1 tokens
+    assert torch.equal(one_by_one, blocks)
+    batched = run([0, 1], [1] * 6 + [4, 8, 2, 3, 4, 6])  # beside another sequence
+    assert torch.equal(one_by_one[0], batched[0])

@@ -111,3 +111,16 @@ def test_zero_rows_and_bad_format():
     assert layer(torch.ones(0, 8)).shape == (0, 16)
     with pytest.raises(ValueError):
         PackedLinear.from_weight(torch.zeros(4, 4), "fp8")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("in_features", [64, 96, 200])
+def test_each_rows_result_is_independent_of_the_row_count(fmt, in_features):
+    """Bit-identical rows whether computed alone or among 2..13 rows (every micro-kernel shape,
+    panel remainders): what makes verification and batching reproduce plain decoding exactly."""
+    gen = torch.Generator().manual_seed(3)
+    linear = PackedLinear.from_weight(torch.randn(16 * 9 + 5, in_features, generator=gen), fmt)
+    x = torch.randn(13, in_features, generator=gen)
+    alone = torch.cat([linear(x[i:i + 1]) for i in range(len(x))])
+    for rows in range(2, len(x) + 1):
+        assert torch.equal(linear(x[:rows]), alone[:rows]), rows
