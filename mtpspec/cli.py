@@ -126,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from mtpspec.drafter.checkpoint import DrafterMismatchError
     from mtpspec.drafter.recipe import run
 
     for source in args.prompts:
@@ -133,7 +134,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise UsageError(f"prompt file not found: {source}")
     if args.prompt_ids is not None and not args.prompt_ids.is_file():
         raise UsageError(f"prompt-ids file not found: {args.prompt_ids}")
-    run(args, log=lambda line: print(line, file=sys.stderr, flush=True))
+    try:
+        run(args, log=lambda line: print(line, file=sys.stderr, flush=True))
+    except DrafterMismatchError as err:  # e.g. --layout gemma4-assistant on another target
+        raise UsageError(str(err)) from None
     return 0
 
 

@@ -56,8 +56,11 @@ def read_config(folder: Path) -> tuple[DrafterConfig, dict]:
     return DrafterConfig.from_json(meta["config"]), meta
 
 
-def check_fits(cfg: DrafterConfig, target_config, weights_hash: str | None) -> None:
-    """Refuse a drafter whose target hash, hidden size, vocabulary or layers do not fit."""
+def check_fits(cfg: DrafterConfig, target_config, weights_hash: str | None, kv_shape=None) -> None:
+    """Refuse a drafter whose target hash, hidden size, vocabulary or layers do not fit.
+
+    kv_shape: layer -> (kv heads, head size) for targets whose layers differ (``HFModel``): each
+    draft layer's attention must fit the K/V of the target layer it reads."""
     problems = []
     if weights_hash and cfg.target_hash and cfg.target_hash != weights_hash:
         problems.append(f"it was trained for target weights {cfg.target_hash[:12]} "
@@ -66,23 +69,32 @@ def check_fits(cfg: DrafterConfig, target_config, weights_hash: str | None) -> N
         problems.append(f"hidden size {cfg.target_hidden} != target's {target_config.hidden_size}")
     if cfg.vocab_size != target_config.vocab_size:
         problems.append(f"vocabulary {cfg.vocab_size} != target's {target_config.vocab_size}")
-    if cfg.head_dim != target_config.head_dim or cfg.target_kv_heads != target_config.num_kv_heads:
+    if kv_shape is None and (cfg.head_dim != target_config.head_dim
+                             or cfg.target_kv_heads != target_config.num_kv_heads):
         problems.append("attention head shape differs from the target's")
-    bad = [layer for layer in cfg.target_layers if layer >= target_config.num_layers]
+    bad = [layer for layer in cfg.target_layers if not 0 <= layer < target_config.num_layers]
     if bad:
         problems.append(f"target layers {bad} do not exist (target has {target_config.num_layers})")
+    elif kv_shape is not None:
+        for j, layer in enumerate(cfg.target_layers):
+            heads, size = kv_shape(layer)
+            if (cfg.kv_heads_of(j), cfg.head_dim_of(j)) != (heads, size):
+                problems.append(f"draft layer {j} expects {cfg.kv_heads_of(j)} kv heads of size "
+                                f"{cfg.head_dim_of(j)}, target layer {layer} has {heads} of size "
+                                f"{size}")
     if problems:
         raise DrafterMismatchError("drafter does not fit this target: " + "; ".join(problems))
 
 
-def load_drafter(folder: str | Path, target_config=None, weights_hash: str | None = None) -> MTPHead:
-    """Load a drafter, checking it against the target when one is given."""
+def load_drafter(folder: str | Path, target_config=None, weights_hash: str | None = None,
+                 kv_shape=None) -> MTPHead:
+    """Load a drafter, checking it against the target when one is given (see ``check_fits``)."""
     from safetensors.torch import load_file
 
     folder = Path(folder)
     cfg, _ = read_config(folder)
     if target_config is not None:
-        check_fits(cfg, target_config, weights_hash)
+        check_fits(cfg, target_config, weights_hash, kv_shape)
     head = MTPHead(cfg)
     state = {}
     for file in sorted(folder.glob("drafter*.safetensors")):

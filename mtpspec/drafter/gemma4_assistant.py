@@ -18,7 +18,9 @@ the last target layer of its type that computes K/V (Gemma 4's KV-sharing "store
 sliding layer sees the last ``sliding_window + 1`` slots before the query (their bidirectional
 window flipped onto the past), a global one every slot before it; attention is unscaled (the
 norms do it). ``save_assistant`` writes the same layout back, so runtimes that load Google's
-drafters load ours. transformers is not imported here.
+drafters load ours; ``new_assistant_config`` and ``init_own_lm_head`` start a new head in this
+layout for ``mtpspec train --layout gemma4-assistant``. A config that does not fit the target is
+refused (``DrafterMismatchError``) naming every mismatch. transformers is not imported here.
 """
 from __future__ import annotations
 
@@ -87,6 +89,10 @@ def assistant_config(raw: dict, target, weights_hash: str = "") -> DrafterConfig
     missing = sorted(set(kinds) - set(producers))
     if missing:
         problems.append(f"its layers read target layers of type {missing}, which the target lacks")
+    trained_for = str((raw.get("mtpspec") or {}).get("target_hash") or "")
+    if weights_hash and trained_for and trained_for != weights_hash:
+        problems.append(f"it was trained for target weights {trained_for[:12]} "
+                        f"({raw['mtpspec'].get('target_name', '')}), not {weights_hash[:12]}")
     heads = int(_text_value(text, "num_attention_heads", 8))
     head_dim = int(_text_value(text, "head_dim", 256))
     global_dim = int(_text_value(text, "global_head_dim", 512))
@@ -105,7 +111,8 @@ def assistant_config(raw: dict, target, weights_hash: str = "") -> DrafterConfig
             problems.append(f"{heads} query heads do not group over target layer {layer}'s "
                             f"{target_heads} kv heads")
     if problems:
-        raise DrafterMismatchError("assistant does not fit this target: " + "; ".join(problems))
+        raise DrafterMismatchError("assistant does not fit this target: "
+                                   + "; ".join(dict.fromkeys(problems)))  # each once
     rope = text.get("rope_parameters") or {}
     full, sliding = rope.get("full_attention") or {}, rope.get("sliding_attention") or {}
     partial = (full.get("partial_rotary_factor", 1.0)
@@ -130,6 +137,66 @@ def assistant_config(raw: dict, target, weights_hash: str = "") -> DrafterConfig
         layer_scalars=tuple(1.0 for _ in kinds), norm_offset=0.0, out_norm=False,
         lm_head_source="draft", rope_partial_global=float(partial),
     )
+
+
+def new_assistant_config(target, weights_hash: str = "", d_draft: int = 256, num_layers: int = 4,
+                         num_heads: int = 4, intermediate_size: int = 2048, head: str = "clustered",
+                         num_centroids: int = 2048, top_centroids: int = 32) -> DrafterConfig:
+    """The config of a new head in the assistant layout for a Gemma 4 ``target`` (an ``HFModel``).
+
+    It writes the ``config.json`` an assistant of these sizes would have (layers sliding, the last
+    global; head sizes, window, rotary and norm eps from the target) and reads it with
+    ``assistant_config``, exactly as ``load_assistant`` reads Google's: so a head trained from it
+    saves with ``save_assistant`` and loads back, here or in transformers, unchanged."""
+    text = getattr(target, "text_config", None)
+    model_type = str(getattr(text, "model_type", "") or "")
+    if not model_type.startswith("gemma4"):
+        raise DrafterMismatchError(f"the gemma4-assistant layout needs a Gemma 4 target; "
+                                   f"{target.config.name} is {model_type or 'not one'}")
+    vocab = target.config.vocab_size
+    if head not in ("clustered", "full"):
+        raise DrafterMismatchError(f"an assistant's LM head is clustered or full, not {head!r}")
+    if head == "clustered" and vocab % num_centroids:
+        raise DrafterMismatchError(f"{num_centroids} clusters do not divide the target's "
+                                   f"vocabulary of {vocab}")
+    if head == "clustered" and not 0 < top_centroids <= num_centroids:
+        raise DrafterMismatchError(f"top clusters {top_centroids} not in 1..{num_centroids}")
+    producers = producer_layers(target)
+    dim_of = {kind: _kv_shape(target, layer)[1] for kind, layer in producers.items()}
+    raw = {"backbone_hidden_size": target.config.hidden_size,
+           "use_ordered_embeddings": head == "clustered", "num_centroids": num_centroids,
+           "centroid_intermediate_top_k": top_centroids,
+           "text_config": {
+               "vocab_size": vocab, "hidden_size": d_draft, "intermediate_size": intermediate_size,
+               "num_hidden_layers": num_layers, "num_attention_heads": num_heads,
+               "head_dim": dim_of.get("sliding_attention", target.config.head_dim),
+               "global_head_dim": dim_of.get("full_attention", target.config.head_dim),
+               "layer_types": ["sliding_attention"] * (num_layers - 1) + ["full_attention"],
+               "sliding_window": getattr(text, "sliding_window", None),
+               "rms_norm_eps": getattr(text, "rms_norm_eps", None),
+               "rope_parameters": dict(getattr(text, "rope_parameters", None) or {})}}
+    return assistant_config(raw, target, weights_hash)
+
+
+def init_own_lm_head(head: MTPHead, target_embedding: torch.Tensor, seed: int = 0) -> None:
+    """Start a new assistant's own LM head from the target's: the embedding ``[V, d_draft]`` is
+    the target's tied embedding ``[V, d]`` projected on its top ``d_draft`` principal directions
+    (rows of RMS ``d_draft ** -0.5``), and a clustered head's token ordering and centroids are
+    balanced k-means over those rows."""
+    from mtpspec.drafter.clusters import balanced_kmeans
+
+    cfg = head.cfg
+    rows = target_embedding.detach().float()  # [V, d]
+    _, vectors = torch.linalg.eigh(rows.T @ rows)  # ascending eigenvalues; vectors [d, d]
+    basis = vectors.flip(-1)[:, :cfg.d_draft]  # [d, q] the top principal directions
+    projected = torch.zeros(cfg.vocab_size, cfg.d_draft, device=rows.device)
+    projected[:, :basis.shape[1]] = rows @ basis
+    projected *= cfg.d_draft ** -0.5 / projected.pow(2).mean().sqrt().clamp(min=1e-12)
+    with torch.no_grad():
+        head.embedding.copy_(projected)
+    if cfg.head == "clustered":
+        ordering, centroids = balanced_kmeans(projected, cfg.num_clusters, seed=seed)
+        head.init_from_kmeans(ordering, centroids)
 
 
 def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -232,6 +299,7 @@ def save_assistant(head: MTPHead, folder: str | Path, dtype: torch.dtype = torch
            "text_config": text, "backbone_hidden_size": cfg.target_hidden,
            "use_ordered_embeddings": ordered, "num_centroids": cfg.num_clusters,
            "centroid_intermediate_top_k": cfg.top_clusters, "tie_word_embeddings": True,
+           "dtype": str(dtype).removeprefix("torch."),
            "mtpspec": {"target_name": cfg.target_name, "target_hash": cfg.target_hash}}
     state = {name: value.detach().cpu() for name, value in head.state_dict().items()}
     out = {"pre_projection.weight": state["pre_projection.weight"],

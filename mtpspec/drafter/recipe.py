@@ -6,6 +6,9 @@
 3. vocabulary layouts: balanced k-means clusters of the tied embedding, frequent tokens;
 4. K-step recurrent training with resumable checkpoints (``train.train``);
 5. held-out evaluation of greedy acceptance (tau for k = 1..6, per-position acceptance).
+With ``--layout gemma4-assistant`` (Gemma 4 targets) the head is built in the layout of Google's
+assistant drafters (its own LM head, the assistant's norms and rotary) and is also written to
+``OUT/assistant`` as a ``Gemma4AssistantForCausalLM`` folder, which transformers loads too.
 It runs on any torch device; on a CPU keep the data small (see the README's recipe).
 """
 from __future__ import annotations
@@ -27,6 +30,9 @@ from mtpspec.loading import load_weights
 from mtpspec.models.gemma3 import Gemma3Model
 from mtpspec.models.hf import is_native, load_hf_model
 from mtpspec.sampling import SamplingParams
+
+LAYOUTS = ("mtpspec", "gemma4-assistant")
+ASSISTANT_FOLDER = "assistant"  # where --layout gemma4-assistant exports, under --out
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,6 +63,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clusters", type=int, default=2048)
     parser.add_argument("--top-clusters", type=int, default=32)
     parser.add_argument("--head", default="clustered", choices=("clustered", "full", "frequency"))
+    parser.add_argument("--layout", default="mtpspec", choices=LAYOUTS,
+                        help="mtpspec: the head scores with the target's tied LM head; "
+                             "gemma4-assistant (Gemma 4 targets): Google's assistant layout with "
+                             "its own LM head, also exported to OUT/assistant "
+                             "(default %(default)s)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--max-seconds", type=float, default=None, help="stop training after this")
     parser.add_argument("--seed", type=int, default=0)
@@ -97,14 +108,49 @@ def _training_target(model: str | None, device: torch.device):
     return target, loaded.config, loaded.weights_hash, lambda: load_tokenizer_for(loaded)
 
 
+def _new_head(args: argparse.Namespace, target, target_config, target_hash: str) -> MTPHead:
+    """A freshly initialised head for ``target`` in the layout ``args.layout`` asks for (its
+    vocabulary layouts, which need the training data, come in ``_init_vocabulary``)."""
+    if args.layout == "gemma4-assistant":
+        from mtpspec.drafter.gemma4_assistant import new_assistant_config
+
+        cfg = new_assistant_config(
+            target, target_hash, d_draft=args.d_draft, num_layers=args.layers,
+            num_heads=args.heads, intermediate_size=args.intermediate, head=args.head,
+            num_centroids=args.clusters, top_centroids=args.top_clusters)
+    else:
+        cfg = DrafterConfig.for_target(
+            target_config, num_layers=args.layers, kv_shape=getattr(target, "kv_shape", None),
+            d_draft=args.d_draft, num_heads=args.heads, intermediate_size=args.intermediate,
+            num_clusters=args.clusters, top_clusters=args.top_clusters, head=args.head,
+            target_hash=target_hash)
+    head = MTPHead(cfg)
+    init_weights(head, args.seed)
+    return head
+
+
+def _init_vocabulary(head: MTPHead, target, sequences: list[list[int]], seed: int) -> None:
+    """Clusters (and frequent tokens) of the tied embedding, or an own LM head's start."""
+    cfg = head.cfg
+    if cfg.lm_head_source == "draft":
+        from mtpspec.drafter.gemma4_assistant import init_own_lm_head
+
+        init_own_lm_head(head, target.embed.dequantized(), seed)
+        return
+    ordering, centroids = balanced_kmeans(target.embed.dequantized(), cfg.num_clusters, seed=seed)
+    head.init_from_kmeans(ordering, centroids,
+                          frequent_tokens(sequences, cfg.vocab_size, cfg.frequency_vocab))
+
+
 def run(args: argparse.Namespace, log=print) -> dict:
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
+    target, target_config, target_hash, tokenizer_of = _training_target(args.model, device)
+    head = _new_head(args, target, target_config, target_hash)  # refuses a misfit before the work
     args.out.mkdir(parents=True, exist_ok=True)
     work = args.work_dir or args.out
     work.mkdir(parents=True, exist_ok=True)
-    target, target_config, target_hash, tokenizer_of = _training_target(args.model, device)
     data_path = work / "data.pt"
     if data_path.exists():
         data = torch.load(data_path, weights_only=False)
@@ -124,15 +170,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
             target, held_out, args.max_new_tokens, SamplingParams()))]
         data = {"train": _generate(target, train_prompts, args, device, log), "eval": evaluation}
         torch.save(data, data_path)
-    cfg = DrafterConfig.for_target(
-        target_config, num_layers=args.layers, kv_shape=getattr(target, "kv_shape", None), d_draft=args.d_draft, num_heads=args.heads,
-        intermediate_size=args.intermediate, num_clusters=args.clusters,
-        top_clusters=args.top_clusters, head=args.head, target_hash=target_hash)
-    head = MTPHead(cfg)
-    init_weights(head, args.seed)
-    ordering, centroids = balanced_kmeans(target.embed.dequantized(), cfg.num_clusters, seed=args.seed)
-    head.init_from_kmeans(ordering, centroids,
-                          frequent_tokens(data["train"], cfg.vocab_size, cfg.frequency_vocab))
+    _init_vocabulary(head, target, data["train"], args.seed)
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
                          unroll=args.unroll, lr=args.lr, seed=args.seed, device=str(device),
                          eval_every=args.eval_every, save_every=args.eval_every,
@@ -140,11 +178,18 @@ def run(args: argparse.Namespace, log=print) -> dict:
     result = train(head, target, data["train"], config, args.out, data["eval"], log=log,
                    state_dir=work,
                    extra_meta={"train_sequences": len(data["train"])})
+    kinds = (("clustered", "frequency", "full") if head.cfg.lm_head_source == "target"
+             else tuple(dict.fromkeys((head.cfg.head, "full"))))
     final = {kind: evaluate(head.eval(), target, data["eval"], device=device, head_kind=kind)
-             for kind in ("clustered", "frequency", "full")}
+             for kind in kinds}
     (args.out / "eval.json").write_text(json.dumps(final, indent=1))
     log(json.dumps({kind: {"tau": r["tau"], "per_position": r["acceptance_per_position"]}
                     for kind, r in final.items()}))
+    if args.layout == "gemma4-assistant":
+        from mtpspec.drafter.gemma4_assistant import save_assistant
+
+        save_assistant(head, args.out / ASSISTANT_FOLDER, dtype=torch.bfloat16)
+        log(f"wrote the Gemma4AssistantForCausalLM folder {args.out / ASSISTANT_FOLDER}")
     return {**result, "eval": final}
 
 

@@ -8,7 +8,9 @@ x_{P+i} as input token (teacher forcing on tokens is exact for greedy decoding: 
 only matters after all earlier ones were accepted) and its own previous output as state. All P
 are trained at once: the attention masks are shifted causal masks. Loss: cross-entropy against
 the target's top-k probabilities (soft targets), weighted ``decay ** i``; the cluster centroids
-learn, on detached states, to put the target's probability mass in the top clusters.
+learn, on detached states, to put the target's probability mass in the top clusters. A head with
+an LM head of its own (the Gemma 4 assistant layout) is scored by its own embedding, which trains
+with it; its normed draft state is what is scored, its post-projected state what recurs.
 
 The target never changes: its weights get no gradient and the trainer checks a hash of them
 before saving each checkpoint.
@@ -56,7 +58,8 @@ def target_fingerprint(model: Gemma3Model) -> str:
     digest = hashlib.sha256()
     for name, tensor in sorted(model.named_buffers()) + sorted(model.named_parameters()):
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+        flat = tensor.detach().cpu().contiguous().reshape(-1)  # 0-d tensors too (layer scalars)
+        digest.update(flat.view(torch.uint8).numpy().tobytes()
                       if tensor.dtype != torch.bfloat16 else tensor.float().cpu().numpy().tobytes())
     return digest.hexdigest()
 
@@ -89,7 +92,9 @@ def target_pass(target: Gemma3Model, ids: torch.Tensor, top_k: int):
 
 
 def unroll(head: MTPHead, target: Gemma3Model, ids, hidden, cache, steps: int):
-    """Run the head ``steps`` times for every P in 1..T-1; yields (i, state h' [B, T-1, d])."""
+    """Run the head ``steps`` times for every P in 1..T-1; yields (i, the state its LM head scores
+    [B, T-1, d]: h', or for a head with its own LM head the normed draft state [B, T-1, d_draft]);
+    h' always feeds the next step."""
     batch, length = ids.shape
     cfg = head.cfg
     positions = torch.arange(1, length, device=ids.device).expand(batch, -1)  # P
@@ -99,8 +104,8 @@ def unroll(head: MTPHead, target: Gemma3Model, ids, hidden, cache, steps: int):
         token_pos = (positions + i).clamp(max=length - 1)
         embeds = target.embed_tokens(ids.gather(1, token_pos))  # x_{P+i}
         query = positions if cfg.constant_positions else positions + i
-        state = head.step(embeds, state, query, positions, kv)
-        yield i, state
+        state, scored = head.step_states(embeds, state, query, positions, kv)
+        yield i, scored
 
 
 def soft_ce(state, emb, probs, tops, weight, chunk: int):
@@ -145,9 +150,11 @@ def evaluate(head: MTPHead, target: Gemma3Model, sequences: list[list[int]], max
     and all earlier drafts were accepted: exactly what greedy verification does. Returns tau for
     k = 1..max_k and per-position acceptance rates.
     """
+    from mtpspec.proposers.assistant import OwnHeadLogits
     from mtpspec.proposers.mtp import DraftHeadLogits
 
-    logits_of = DraftHeadLogits(head, target, head_kind)
+    logits_of = (OwnHeadLogits(head, head_kind) if head.cfg.lm_head_source == "draft"
+                 else DraftHeadLogits(head, target, head_kind))
     matched_len = []
     for seq in sequences:
         ids, _ = pad_batch([seq], min(len(seq), seq_len), device)
@@ -203,9 +210,10 @@ def train(head: MTPHead, target: Gemma3Model, sequences: list[list[int]], config
     cursor = (step * config.batch_size) % max(1, len(perm))
     weights = torch.tensor([config.decay ** i for i in range(config.unroll)])
     started, running, running_acc = time.time(), None, None
-    emb = target.embed.dequantized()  # [V, d] the frozen tied head
-    if config.autocast_bf16:
-        emb = emb.to(torch.bfloat16)
+    own_head = head.cfg.lm_head_source == "draft"  # an LM head of its own, trained with it
+    frozen = None if own_head else target.embed.dequantized()  # [V, d] the frozen tied head
+    if config.autocast_bf16 and frozen is not None:
+        frozen = frozen.to(torch.bfloat16)
     while step < config.steps:
         if config.max_seconds is not None and time.time() - started > config.max_seconds:
             config = replace(config, steps=step)  # out of time: save this step as the last
@@ -225,6 +233,7 @@ def train(head: MTPHead, target: Gemma3Model, sequences: list[list[int]], config
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss, count, agree = 0.0, 0, []
+        emb = head.embedding if own_head else frozen  # [V, d_scored]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.autocast_bf16):
             for i, state in unroll(head, target, ids, hidden, cache, config.unroll):
                 where = torch.arange(1, ids.shape[1], device=device) + i  # target position P+i
@@ -239,7 +248,8 @@ def train(head: MTPHead, target: Gemma3Model, sequences: list[list[int]], config
                 count += int(ok.sum())
                 if i == 0:  # running acceptance estimate: top-1 agreement among the target's top-k
                     with torch.no_grad():
-                        cand = target.embed.dequantized()[t[:, :64]]  # [B, <=64, k, d]
+                        rows = head.embedding if own_head else target.embed.dequantized()
+                        cand = rows[t[:, :64]]  # [B, <=64, k, d]
                         pick = torch.einsum("btkd,btd->btk", cand.float(),
                                             state[:, :64].float()).argmax(-1)
                         sub = ok[:, :64]

@@ -20,9 +20,12 @@ from mtpspec.sampling import logits_to_probs, sample
 class OwnHeadLogits:
     """Logits of a draft state ``[B, d_draft]`` against the head's own embedding."""
 
-    def __init__(self, head: MTPHead):
+    def __init__(self, head: MTPHead, kind: str | None = None):
+        """kind: "clustered" or "full" (None: the head's own)."""
         cfg = head.cfg
-        self.kind = cfg.head
+        self.kind = kind or cfg.head
+        if self.kind not in ("clustered", "full"):
+            raise ValueError(f"a head's own LM head is clustered or full, not {self.kind!r}")
         self.vocab_size = cfg.vocab_size
         self.embedding = head.embedding.detach()  # [V, d_draft]
         self.centroids = head.centroids.detach()  # [C, d_draft]

@@ -114,7 +114,8 @@ def _mtp(target: Target, request: ProposerRequest) -> Proposer:
         if is_assistant_folder(path):  # Google's Gemma4AssistantForCausalLM layout
             head = load_assistant(path, target.model, target.weights_hash)
         else:
-            head = load_drafter(path, target.config, target.weights_hash)
+            head = load_drafter(path, target.config, target.weights_hash,
+                                getattr(target.model, "kv_shape", None))
     except DrafterMismatchError as err:
         raise SpecError(f"--drafter {path}: {err}") from None
     if head.cfg.lm_head_source == "draft":  # a head with an LM head of its own
