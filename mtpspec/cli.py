@@ -18,7 +18,7 @@ from mtpspec.bench.prompts import PromptFileError
 from mtpspec.kv_cache import CacheFullError
 from mtpspec.loading import ModelLoadError
 from mtpspec.ops import FORMATS
-from mtpspec.proposers.factory import SPECS, SpecError
+from mtpspec.proposers.factory import DEFAULT_DRAFT_CONFIDENCE, SPECS, SpecError
 from mtpspec.runtime import DEFAULT_WEIGHTS
 from mtpspec.tokenizer import NoChatTemplateError, UnsupportedTokenizerError
 
@@ -53,6 +53,10 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--drafter", type=Path, default=None, help="MTP drafter checkpoint")
     parser.add_argument("--draft-model", type=Path, default=None,
                         help="separate draft model (GGUF file or HF folder) for draft-model")
+    parser.add_argument("--draft-confidence", type=float, default=DEFAULT_DRAFT_CONFIDENCE,
+                        help="mtp: stop a draft once the head's estimate that all of it is "
+                             "accepted falls below this; --draft-k is then the longest draft "
+                             "(default %(default)s; 0: always draft --draft-k tokens)")
 
 
 def _add_sampling_flags(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
@@ -172,13 +176,16 @@ def _check_common(args: argparse.Namespace) -> None:
         raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.max_len < 2:
         raise UsageError(f"--max-len must be >= 2, got {args.max_len}")
+    if not 0.0 <= args.draft_confidence < 1.0:
+        raise UsageError(f"--draft-confidence must be in [0, 1), got {args.draft_confidence}")
 
 
 def _proposer_request(args: argparse.Namespace):
     from mtpspec.proposers.factory import ProposerRequest
 
     return ProposerRequest(drafter_path=args.drafter, draft_model_path=args.draft_model,
-                           weights=args.weights, max_len=args.max_len)
+                           weights=args.weights, max_len=args.max_len,
+                           min_confidence=args.draft_confidence or None)
 
 
 def _note(message: str) -> None:
@@ -368,6 +375,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError(f"--max-batch-size must be >= 1, got {args.max_batch_size}")
     if args.max_verify_rows < 0:
         raise UsageError(f"--max-verify-rows must be >= 0, got {args.max_verify_rows}")
+    if not 0.0 <= args.draft_confidence < 1.0:
+        raise UsageError(f"--draft-confidence must be in [0, 1), got {args.draft_confidence}")
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be in 0..65535, got {args.port}")
     configure_threads()

@@ -56,6 +56,8 @@ def assert_one_error_line(status, err, fragment):
     (["generate", "--spec", "medusa", "hi"], "unknown --spec 'medusa'"),
     (["generate", "--max-new-tokens", "0", "hi"], "--max-new-tokens"),
     (["generate", "--draft-k", "99", "hi"], "draft_k"),
+    (["generate", "--draft-confidence", "1.5", "hi"], "--draft-confidence"),
+    (["bench", "--draft-confidence", "-0.1"], "--draft-confidence"),
     (["generate"], "prompt"),
     ([], "required"),
     (["bench", "--methods", "plain,turbo"], "unknown method 'turbo'"),
