@@ -52,8 +52,9 @@ def target():
 
 
 def drafter_config(model_config, **overrides) -> DrafterConfig:
-    return DrafterConfig.for_target(model_config, num_layers=2, d_draft=32, intermediate_size=64,
-                                    num_clusters=8, top_clusters=2, frequency_vocab=64, **overrides)
+    settings = dict(num_layers=2, d_draft=32, intermediate_size=64, num_clusters=8,
+                    top_clusters=2, frequency_vocab=64)
+    return DrafterConfig.for_target(model_config, **{**settings, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +128,24 @@ def test_training_changes_the_head_and_never_the_target(dense, sequences, tmp_pa
                if value.is_floating_point() and not torch.equal(value, start[name])]
     assert "pre_projection.weight" in changed and "centroids" in changed
     assert len(changed) >= len(list(head.parameters())) // 2
+
+
+def test_sampled_softmax_loss_equals_the_full_one_over_the_whole_vocabulary(dense, sequences,
+                                                                           tmp_path):
+    """A loss vocabulary of every token (all of them in the frequent list) is the full softmax:
+    the same training; a smaller one trains too (the CPU recipe's budget)."""
+    vocab = dense.config.vocab_size
+    full, every, some = (fresh_head(dense, sequences, frequency_vocab=vocab) for _ in range(3))
+    assert full.frequent_tokens.numel() == vocab
+    train(full, dense, sequences, small_run(2), tmp_path / "full", log=quiet)
+    train(every, dense, sequences, replace(small_run(2), loss_vocab=vocab), tmp_path / "every",
+          log=quiet)
+    assert_same_weights(full, every, atol=1e-5)
+    start = some.pre_projection.weight.clone()
+    train(some, dense, sequences, replace(small_run(2), loss_vocab=vocab // 8), tmp_path / "some",
+          log=quiet)
+    assert not torch.equal(some.pre_projection.weight, start)
+    assert all(torch.isfinite(p).all() for p in some.parameters())
 
 
 def test_training_is_deterministic_with_a_seed(dense, sequences, tmp_path):

@@ -97,6 +97,7 @@ def build_prompts(tokenizer, sources: list[str], limit: int, max_prompt_tokens: 
 
 
 @torch.no_grad()
+@torch.inference_mode()  # no autograd: the packed model then takes its fused C++ path
 def generate_batch(model: Gemma3Model, prompts: list[list[int]], max_new_tokens: int,
                    params: SamplingParams, generator=None) -> list[list[int]]:
     """Responses of the target to ``prompts`` (lockstep batch; stops at EOS); any device."""

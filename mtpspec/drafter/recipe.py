@@ -70,6 +70,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default %(default)s)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--max-seconds", type=float, default=None, help="stop training after this")
+    parser.add_argument("--loss-vocab", type=int, default=0,
+                        help="0: loss over the whole vocabulary; N: over the batch's soft targets "
+                             "plus the N most frequent tokens (a CPU budget; try 16384)")
+    parser.add_argument("--gen-weights", default=None, choices=("int8", "fp32"),
+                        help="generate the training responses with the packed fused target in "
+                             "this format (CPU, native Gemma 3: much faster); default: the "
+                             "training copy of the target")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-every", type=int, default=200)
 
@@ -142,6 +149,17 @@ def _init_vocabulary(head: MTPHead, target, sequences: list[list[int]], seed: in
                           frequent_tokens(sequences, cfg.vocab_size, cfg.frequency_vocab))
 
 
+def _generation_model(args: argparse.Namespace, target):
+    """The model that writes the training responses: the training copy of the target, or (``--gen-
+    weights``, native Gemma 3) the packed fused one the engine runs, same weights and hash."""
+    if args.gen_weights is None or not isinstance(target, Gemma3Model):
+        return target
+    from mtpspec.runtime import load_target
+
+    packed = load_target(args.model, args.gen_weights, with_tokenizer=False)
+    return packed.model
+
+
 def run(args: argparse.Namespace, log=print) -> dict:
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -166,15 +184,18 @@ def run(args: argparse.Namespace, log=print) -> dict:
                                     args.num_prompts + args.eval_prompts, args.max_prompt_tokens,
                                     args.seed)
         held_out, train_prompts = prompts[:args.eval_prompts], prompts[args.eval_prompts:]
+        generator_model = _generation_model(args, target)
         evaluation = [p + r for p, r in zip(held_out, generate_batch(
-            target, held_out, args.max_new_tokens, SamplingParams()))]
-        data = {"train": _generate(target, train_prompts, args, device, log), "eval": evaluation}
+            generator_model, held_out, args.max_new_tokens, SamplingParams()))]
+        data = {"train": _generate(generator_model, train_prompts, args, device, log),
+                "eval": evaluation}
         torch.save(data, data_path)
     _init_vocabulary(head, target, data["train"], args.seed)
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
                          unroll=args.unroll, lr=args.lr, seed=args.seed, device=str(device),
                          eval_every=args.eval_every, save_every=args.eval_every,
-                         autocast_bf16=device.type == "cuda", max_seconds=args.max_seconds)
+                         autocast_bf16=device.type == "cuda", max_seconds=args.max_seconds,
+                         loss_vocab=args.loss_vocab)
     result = train(head, target, data["train"], config, args.out, data["eval"], log=log,
                    state_dir=work,
                    extra_meta={"train_sequences": len(data["train"])})
