@@ -85,6 +85,7 @@ struct Job {
   const uint8_t* w; const void* s; int64_t G;
   float* y; int fmt; int64_t panels_per_chunk, npanels;
   int64_t n_base = 0;  // output channel n is written to column n - n_base of y
+  int64_t m_out = -1;  // rows of y written (-1: all M; fewer when x was padded with a row)
 };
 
 template <int FMT>
@@ -173,25 +174,16 @@ __attribute__((noinline)) static void micro(const Job& j, int64_t p, int64_t r0,
 // rows x np panels from panel p; np is the number of panels handled at once (1 for a remainder)
 template <int FMT>
 static int block(const Job& j, int64_t p, int64_t r0, int rows, int64_t left, float* out) {
-  switch (rows) {  // 8-12 independent accumulators: enough to hide FMA latency
+  switch (rows) {  // 6-12 independent accumulators (more spill at 3 rows x 2 panels: measured)
     case 1: if (left >= 4) { micro<FMT, 1, 4>(j, p, r0, out); return 4; } break;
     case 2: if (left >= 2) { micro<FMT, 2, 2>(j, p, r0, out); return 2; } break;
-    case 3:  // rows 0-1 two panels at a time, row 2 four at a time
-      if (left >= 4) {
-        micro<FMT, 2, 2>(j, p, r0, out); micro<FMT, 2, 2>(j, p + 2, r0, out + 32);
-        micro<FMT, 1, 4>(j, p, r0 + 2, out + 2 * 64);
-        return 4;
-      }
-      break;
+    case 3: micro<FMT, 3, 1>(j, p, r0, out); return 1;
     case 4: micro<FMT, 4, 1>(j, p, r0, out); return 1;
     case 5: micro<FMT, 5, 1>(j, p, r0, out); return 1;
     default: micro<FMT, 6, 1>(j, p, r0, out); return 1;
   }
-  switch (rows) {
-    case 1: micro<FMT, 1, 1>(j, p, r0, out); break;
-    case 2: micro<FMT, 2, 1>(j, p, r0, out); break;
-    default: micro<FMT, 3, 1>(j, p, r0, out); break;
-  }
+  if (rows == 1) micro<FMT, 1, 1>(j, p, r0, out);  // fewer panels left than a group
+  else micro<FMT, 2, 1>(j, p, r0, out);
   return 1;
 }
 
@@ -210,9 +202,10 @@ static void run_panels(const Job& j, int64_t p0, int64_t p1) {
       const int rows = (int)((j.M - r0) / (nblocks - b) + ((j.M - r0) % (nblocks - b) ? 1 : 0));
       for (int64_t p = pg; p < pe;) {
         const int np = block<FMT>(j, p, r0, rows, pe - p, out);
+        const int keep = j.m_out < 0 ? rows : (int)std::min<int64_t>(rows, j.m_out - r0);
         for (int q = 0; q < np; ++q) {
           const int64_t n0 = (p + q) * 16, nv = std::min<int64_t>(16, j.N - n0);
-          for (int r = 0; r < rows; ++r)
+          for (int r = 0; r < keep; ++r)
             std::memcpy(j.y + (r0 + r) * j.N + n0 - j.n_base, out + r * 64 + q * 16, nv * sizeof(float));
         }
         p += np;
@@ -350,7 +343,18 @@ static void packed_matmul(const PackedRef& p, const float* x, int64_t M, float* 
   int64_t ppc = (std::max<int64_t>(1, chunk_bytes / (p.K * esize)) + 3) / 4 * 4;
   int64_t nchunks = (npanels + ppc - 1) / ppc;
   if (nchunks > (int64_t)pool::kMask) { ppc = (npanels + pool::kMask - 1) / pool::kMask; nchunks = (npanels + ppc - 1) / ppc; }
-  Job j{x, M, p.K, p.N, p.w, p.s, p.G, y, p.fmt, ppc, npanels};
+  // a block of 3 rows is slow (6 accumulators leave FMA latency exposed; 12 spill): run 3 and
+  // 7 rows as 4 and 8 with a zero row, whose results are dropped (rows never mix: same numbers)
+  std::vector<float> padded;
+  int64_t rows = M;
+  if (M == 3 || M == 7) {
+    padded.assign(x, x + M * p.K);
+    padded.resize((M + 1) * p.K, 0.f);
+    x = padded.data();
+    rows = M + 1;
+  }
+  Job j{x, rows, p.K, p.N, p.w, p.s, p.G, y, p.fmt, ppc, npanels};
+  j.m_out = M;
   pool::run(run_chunk_any, &j, nchunks, threads);
 }
 
