@@ -22,10 +22,10 @@ from mtpspec.ops import FORMATS
 from mtpspec.tokenizer import Tokenizer, load_tokenizer_gguf, load_tokenizer_hf
 
 # The weight format the CLI, the benchmark and the server run the target in unless told otherwise:
-# the fastest format whose greedy output and perplexity stay close to float32's. Measured by
-# bench/quality.py and bench/vs_llamacpp.py (README, "Weight formats: speed and accuracy"): int8
-# decodes ~2.5x faster than fp32 with perplexity within ~1% of fp32's; int4 is no faster at
-# batch 1 and loses more.
+# the fastest format whose perplexity stays close to float32's. Measured (README, "Against
+# llama.cpp" and "Weight formats: speed and accuracy"; bench/vs_llamacpp.py, bench/quality.py):
+# int8 decodes 2.8x faster than fp32 (80.4 vs 28.4 tok/s side by side) at +0.5% perplexity;
+# int4 is slower than int8 at batch 1 (63.3 tok/s, arithmetic-bound) and +44% perplexity.
 DEFAULT_WEIGHTS = "int8"
 
 

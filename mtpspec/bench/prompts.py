@@ -5,7 +5,8 @@ Two file formats, one JSON object per line (blank lines are skipped):
 * MT-bench / Spec-Bench: ``{"question_id": 81, "category": "writing", "turns": ["...", ...]}``.
   Only the first turn is used. It is rendered with the model's chat template when the model has
   one, else as a completion prompt ``Question: ...\\nAnswer:`` (base models ship no template);
-* plain JSONL: ``{"prompt": "...", "id": ..., "category": ...}`` (id and category optional). A
+* plain JSONL (e.g. HumanEval): ``{"prompt": "...", "id": ..., "category": ...}`` (id and
+  category optional; ``task_id`` is not read). A
   ``prompt`` is used verbatim: no template, no ``Question:`` wrapper.
 
 The built-in set (``BUILTIN_PROMPTS``, written for this project) is the default, so the benchmark
@@ -15,6 +16,7 @@ This module knows nothing about models or timing.
 """
 from __future__ import annotations
 
+import gzip
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -76,13 +78,14 @@ def parse_prompt_lines(lines: Iterable[str], name: str) -> list[BenchPrompt]:
 
 
 def load_prompts(path: str | Path) -> list[BenchPrompt]:
-    """Prompts of a JSONL file (see the module docstring for the formats)."""
+    """Prompts of a JSONL file, or a gzipped one (``.gz``; see the module docstring for formats)."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
+        text = (gzip.decompress(data) if path.suffix == ".gz" else data).decode("utf-8")
     except FileNotFoundError as err:
         raise PromptFileError(f"prompt file not found: {path}") from err
-    except (OSError, UnicodeDecodeError) as err:
+    except (OSError, EOFError, UnicodeDecodeError) as err:
         raise PromptFileError(f"{path}: cannot read prompt file ({err})") from err
     return parse_prompt_lines(text.splitlines(), str(path))
 
