@@ -115,9 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8080, help="port (default %(default)s; 0: any)")
     serve.add_argument("--max-batch-size", type=int, default=8,
                        help="sequences decoded together; more wait for a row (default %(default)s)")
-    serve.add_argument("--max-verify-rows", type=int, default=16,
+    serve.add_argument("--max-verify-rows", type=int, default=6,
                        help="cap rows x (drafts + 1) per verification pass, so drafting shrinks "
-                            "as the batch fills (default %(default)s; 0: no cap)")
+                            "as the batch fills and stops at 4+ sequences: on 2 CPU cores a pass "
+                            "costs the same for 3-6 rows and ~1.6x that for 7-8 "
+                            "(docs/serve-bench-rows6.txt; default %(default)s; 0: no cap)")
     serve.add_argument("--log-requests", action="store_true", help="log every request on stderr")
     serve.set_defaults(handler=cmd_serve)
 
