@@ -39,12 +39,12 @@ import importlib.util
 import json
 import statistics
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from mtpspec.bench.methods import EngineMethod, Run
+from mtpspec.bench.sidebyside import Timing, run_interleaved
 from mtpspec.bench.prompts import load_prompts, prompt_token_ids, select_prompts
 from mtpspec.bench.quality import common_prefix
 from mtpspec.cli import DEFAULT_DRAFT_K
@@ -58,7 +58,6 @@ INSTALL_HINT = ("llama-cpp-python is not installed: .venv/bin/pip install 'mtpsp
                 "(or llama-cpp-python==0.3.36; builds llama.cpp from source, ~10 min, needs cmake "
                 "and g++); running our side only")
 LLAMA = "llama.cpp"
-WARMUP_TOKENS = 16
 MAX_LEN = 4096
 
 
@@ -91,23 +90,6 @@ class LlamaCppMethod:
         return Run(token_ids=tokens, text="", prefill_s=times[0] - start,
                    decode_s=times[-1] - times[0], decode_tokens=len(tokens) - 1, stats=None,
                    steps=len(tokens) - 1)
-
-
-@dataclass
-class Timing:
-    """One method over all prompts."""
-
-    tokens: list[int] = field(default_factory=list)         # per prompt: decoded tokens
-    seconds: list[float] = field(default_factory=list)      # per prompt: decode seconds
-    outputs: list[list[int]] = field(default_factory=list)  # per prompt: generated ids
-
-    @property
-    def tokens_per_s(self) -> float:
-        return sum(self.tokens) / sum(self.seconds)
-
-    @property
-    def median_tokens_per_s(self) -> float:
-        return statistics.median(t / s for t, s in zip(self.tokens, self.seconds))
 
 
 def weight_bytes_per_token(model) -> int:
@@ -144,33 +126,6 @@ def build_methods(args) -> tuple[list, dict[str, int], object]:
     methods.append(EngineMethod(f"mtp-{args.spec_weights}", "mtp", engine, args.draft_k))
     floor_bytes[f"mtp-{args.spec_weights}"] = weight_bytes_per_token(target.model)
     return methods, floor_bytes, first
-
-
-def run(methods, prompt_ids: list[list[int]], max_new_tokens: int,
-        repeats: int) -> dict[str, Timing]:
-    """Warm up, then every prompt by every method (rotated order; fastest of ``repeats``)."""
-    options = GenerateOptions(max_new_tokens=max_new_tokens, ignore_eos=True)
-    warm = GenerateOptions(max_new_tokens=min(WARMUP_TOKENS, max_new_tokens), ignore_eos=True)
-    for method in methods:
-        method.run([prompt_ids[0]], warm)
-    timings = {m.name: Timing() for m in methods}
-    for number, ids in enumerate(prompt_ids):
-        best: dict[str, Run] = {}
-        for repeat in range(repeats):
-            rotation = (number * repeats + repeat) % len(methods)
-            for method in methods[rotation:] + methods[:rotation]:
-                result = method.run([ids], options)[0]
-                kept = best.get(method.name)
-                if kept is None or result.decode_s < kept.decode_s:
-                    best[method.name] = result
-        for name, result in best.items():
-            timings[name].tokens.append(result.decode_tokens)
-            timings[name].seconds.append(result.decode_s)
-            timings[name].outputs.append(result.token_ids)
-        rates = ", ".join(f"{name} {r.decode_tokens / r.decode_s:.1f}" for name, r in best.items())
-        print(f"prompt {number + 1}/{len(prompt_ids)} ({len(ids)} tokens): {rates} tok/s",
-              flush=True)
-    return timings
 
 
 def summarize(timings: dict[str, Timing], floor_bytes: dict[str, int], args) -> dict:
@@ -301,7 +256,7 @@ def main(argv=None) -> dict:
     print(f"{len(prompts)} prompts x {len(methods)} methods "
           f"({', '.join(m.name for m in methods)}); loaded in {time.perf_counter() - start:.0f} s",
           flush=True)
-    timings = run(methods, prompt_ids, args.max_new_tokens, args.repeats)
+    timings = run_interleaved(methods, prompt_ids, args.max_new_tokens, args.repeats)
     doc = summarize(timings, floor_bytes, args)
     doc["wall_s"] = time.perf_counter() - start
     print()

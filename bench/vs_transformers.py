@@ -27,36 +27,18 @@ import argparse
 import json
 import statistics
 import time
-from dataclasses import dataclass, field
 
 import torch
 
-from mtpspec.bench.methods import EngineMethod, HFMethod, Method, Run, build_hf_model
+from mtpspec.bench.methods import EngineMethod, HFMethod, Method, build_hf_model
+from mtpspec.bench.sidebyside import Timing, run_interleaved
 from mtpspec.bench.prompts import BUILTIN_PROMPTS, load_prompts, prompt_token_ids, select_prompts
-from mtpspec.engine import Engine, GenerateOptions
+from mtpspec.engine import Engine
 from mtpspec.loading import load_weights
 from mtpspec.ops import FORMATS
 from mtpspec.runtime import Target, configure_threads, load_target
 
 HF_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-WARMUP_TOKENS = 16
-
-
-@dataclass
-class Timing:
-    """Decode timings of one method over all prompts."""
-
-    tokens: list[int] = field(default_factory=list)         # per prompt: tokens after the first
-    seconds: list[float] = field(default_factory=list)      # per prompt: their decode seconds
-    outputs: list[list[int]] = field(default_factory=list)  # per prompt: the generated ids
-
-    @property
-    def tokens_per_s(self) -> float:
-        return sum(self.tokens) / sum(self.seconds)
-
-    @property
-    def median_tokens_per_s(self) -> float:
-        return statistics.median(t / s for t, s in zip(self.tokens, self.seconds))
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -84,36 +66,6 @@ def build_methods(args) -> tuple[list[Method], Target]:
     if {p.dtype for p in hf32.model.parameters()} != {torch.float32}:
         raise RuntimeError("building the bfloat16 model changed the float32 one")
     return methods, first
-
-
-def seconds_per_token(run: Run) -> float:
-    return run.decode_s / max(run.decode_tokens, 1)
-
-
-def run(methods: list[Method], prompt_ids: list[list[int]], max_new_tokens: int, repeats: int = 1,
-        log=print) -> dict[str, Timing]:
-    """Warm up, then every prompt by every method (``repeats`` times, keeping the fastest run)."""
-    options = GenerateOptions(max_new_tokens=max_new_tokens, ignore_eos=True)
-    warm = GenerateOptions(max_new_tokens=min(WARMUP_TOKENS, max_new_tokens), ignore_eos=True)
-    for method in methods:
-        method.run([prompt_ids[0]], warm)
-    timings = {m.name: Timing() for m in methods}
-    for number, ids in enumerate(prompt_ids):
-        best: dict[str, Run] = {}
-        for repeat in range(repeats):
-            rotation = (number * repeats + repeat) % len(methods)
-            for method in methods[rotation:] + methods[:rotation]:
-                result = method.run([ids], options)[0]
-                kept = best.get(method.name)
-                if kept is None or seconds_per_token(result) < seconds_per_token(kept):
-                    best[method.name] = result
-        for name, result in best.items():
-            timings[name].tokens.append(result.decode_tokens)
-            timings[name].seconds.append(result.decode_s)
-            timings[name].outputs.append(result.token_ids)
-        rates = ", ".join(f"{name} {r.decode_tokens / r.decode_s:.1f}" for name, r in best.items())
-        log(f"prompt {number + 1}/{len(prompt_ids)} ({len(ids)} tokens): {rates} tok/s")
-    return timings
 
 
 def summarize(timings: dict[str, Timing], args, model_name: str, prompt_count: int) -> dict:
@@ -194,7 +146,7 @@ def main(argv=None) -> dict:
     source = load_prompts(args.prompts) if args.prompts else list(BUILTIN_PROMPTS)
     prompts = select_prompts(source, limit=args.limit)
     prompt_ids = [prompt_token_ids(p, target.tokenizer) for p in prompts]
-    timings = run(methods, prompt_ids, args.max_new_tokens, args.repeats,
+    timings = run_interleaved(methods, prompt_ids, args.max_new_tokens, args.repeats,
                   log=lambda message: print(message, flush=True))
     doc = summarize(timings, args, target.name, len(prompts))
     doc["wall_s"] = time.perf_counter() - start

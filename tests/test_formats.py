@@ -14,38 +14,16 @@ from mtpspec import fused
 from mtpspec.bench.quality import common_prefix, greedy_agreement, score_text, top1_agreement
 from mtpspec.engine import Engine, GenerateOptions
 from mtpspec.ops import FORMATS
-from mtpspec.proposers.base import Draft
 from mtpspec.proposers.hybrid import HybridProposer
 from mtpspec.proposers.mtp import MTPProposer
 from mtpspec.proposers.ngram import NgramProposer
 from mtpspec.runtime import DEFAULT_WEIGHTS
 
 from conftest import tiny_model
+from test_engine import OracleProposer
 from test_fused import tiny_drafter
 
 NEW_TOKENS = 20
-
-
-class ContinuationProposer:
-    """Drafts the known plain continuation (always right), or one shifted by one id (always
-    wrong), so that both accepted blocks and rejections run in every format."""
-
-    name = "continuation"
-
-    def __init__(self, full: list[list[int]], vocab: int, wrong: bool = False):
-        self.full, self.vocab, self.wrong = full, vocab, wrong
-
-    def reset(self) -> None:
-        pass
-
-    def propose(self, state, k):
-        rows = []
-        for tokens in state.tokens:
-            full = next(f for f in self.full if f[:len(tokens)] == tokens)
-            future = full[len(tokens):len(tokens) + k]
-            future += [0] * (k - len(future))
-            rows.append([(t + 1) % self.vocab if self.wrong else t for t in future])
-        return Draft(tokens=torch.tensor(rows, dtype=torch.long))  # [B, k]
 
 
 def prompts_for(vocab: int) -> list[list[int]]:
@@ -66,12 +44,8 @@ def format_case(request):
 
 
 def proposer(kind: str, model, prompts, plain):
-    vocab = model.config.vocab_size
-    full = [p + c for p, c in zip(prompts, plain)]
-    if kind == "right":
-        return ContinuationProposer(full, vocab)
-    if kind == "wrong":
-        return ContinuationProposer(full, vocab, wrong=True)
+    if kind in ("right", "wrong"):  # the known plain continuation, or one shifted by one id
+        return OracleProposer(prompts, plain, model.config.vocab_size, wrong=kind == "wrong")
     if kind == "ngram":
         return NgramProposer()
     head = tiny_drafter(model, num_clusters=16, seed=3)
