@@ -2,9 +2,10 @@
 
 Buffers are allocated once, ``[layers, B, kv_heads, max_len, head_dim]``, and cache slot ``s`` of a
 sequence always holds position ``s``. A forward pass writes the slots of the positions it is given;
-the length of each sequence is the engine's bookkeeping: rolling back rejected draft tokens is
-``cache.lengths[b] = n`` and nothing is copied. Stale slots past a length are never read, because
-attention only looks at slots at or before the query's own position.
+how far each sequence has got is the engine's bookkeeping (its position), not the cache's: rolling
+back rejected draft tokens is moving that position back, and nothing is copied. Stale slots past a
+position are never read, because attention only looks at slots at or before the query's own
+position, and they are overwritten when the sequence gets there again.
 """
 from __future__ import annotations
 
@@ -30,7 +31,6 @@ class KVCache:
         shape = (config.num_layers, batch_size, config.num_kv_heads, max_len, config.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)  # [L, B, kvh, S, D]
         self.v = torch.zeros(shape, dtype=dtype, device=device)  # [L, B, kvh, S, D]
-        self.lengths = [0] * batch_size           # committed positions per sequence
         self.max_len = max_len
         self.batch_size = batch_size
 

@@ -48,7 +48,7 @@ def test_rollback_then_refeed_gives_same_logits(tiny):
     run_chunks(tiny, ids[:, :20], [20], cache)
     junk = torch.randint(0, tiny.config.vocab_size, (1, 9))
     tiny(junk, torch.arange(20, 29)[None], cache, num_logits=None)  # rejected drafts
-    cache.lengths[0] = 20  # rollback is a pointer move; the junk slots get overwritten
+    # rollback is moving the position back to 20; the junk slots get overwritten
     logits, _ = tiny(ids[:, 20:], torch.arange(20, 30)[None], cache, num_logits=None)
     assert torch.allclose(logits[0], reference[20:], atol=1e-4, rtol=1e-4)
 

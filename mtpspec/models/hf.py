@@ -118,12 +118,11 @@ class LayerView:
 
 
 class HFKVCache:
-    """The ``KVCache`` contract for HF targets: slot = position, lengths are the engine's."""
+    """The ``KVCache`` contract for HF targets: slot = position, positions are the engine's."""
 
     def __init__(self, source: list[int], batch_size: int, max_len: int):
         self.k = LayerStack(source, batch_size, max_len)
         self.v = LayerStack(source, batch_size, max_len)
-        self.lengths = [0] * batch_size
         self.max_len = max_len
         self.batch_size = batch_size
 
