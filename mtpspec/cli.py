@@ -173,13 +173,18 @@ def _sampling(args: argparse.Namespace):
         raise UsageError(str(err)) from None
 
 
-def _check_common(args: argparse.Namespace) -> None:
-    if args.max_new_tokens < 1:
-        raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+def _check_model_flags(args: argparse.Namespace) -> None:
+    """The flags of ``_add_model_flags`` that argparse cannot check itself."""
     if args.max_len < 2:
         raise UsageError(f"--max-len must be >= 2, got {args.max_len}")
     if not 0.0 <= args.draft_confidence < 1.0:
         raise UsageError(f"--draft-confidence must be in [0, 1), got {args.draft_confidence}")
+
+
+def _check_common(args: argparse.Namespace) -> None:
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    _check_model_flags(args)
 
 
 def _proposer_request(args: argparse.Namespace):
@@ -367,8 +372,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from mtpspec.runtime import configure_threads, load_target
     from mtpspec.server import ServeConfig, start
 
-    if args.max_len < 2:
-        raise UsageError(f"--max-len must be >= 2, got {args.max_len}")
+    _check_model_flags(args)
     if args.spec is not None and args.spec not in SERVE_SPECS:
         raise UsageError(f"serve: unknown --spec {args.spec!r}; choose one of {', '.join(SERVE_SPECS)}")
     if not 1 <= args.draft_k <= 32:
@@ -377,8 +381,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError(f"--max-batch-size must be >= 1, got {args.max_batch_size}")
     if args.max_verify_rows < 0:
         raise UsageError(f"--max-verify-rows must be >= 0, got {args.max_verify_rows}")
-    if not 0.0 <= args.draft_confidence < 1.0:
-        raise UsageError(f"--draft-confidence must be in [0, 1), got {args.draft_confidence}")
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be in 0..65535, got {args.port}")
     configure_threads()

@@ -38,6 +38,15 @@ WEIGHTS = "model.safetensors"
 WINDOW_SHIFT = 2
 
 
+# our draft layer's tensor -> the assistant layout's, under ``layers.{i}.`` / ``model.layers.{i}.``
+# (gate_up is their gate_proj and up_proj stacked; handled where it is read and written)
+_LAYER_NAMES = (("attn_norm", "input_layernorm"), ("post_attn_norm", "post_attention_layernorm"),
+                ("mlp_norm", "pre_feedforward_layernorm"),
+                ("post_mlp_norm", "post_feedforward_layernorm"), ("q_norm", "self_attn.q_norm"),
+                ("q_proj", "self_attn.q_proj"), ("o_proj", "self_attn.o_proj"),
+                ("down", "mlp.down_proj"))
+
+
 def is_assistant_folder(folder: str | Path) -> bool:
     path = Path(folder) / "config.json"
     if not path.is_file():
@@ -226,14 +235,7 @@ def load_assistant(folder: str | Path, target, weights_hash: str = "") -> MTPHea
     scalars = []
     for i in range(cfg.num_layers):
         src, dst = f"model.layers.{i}.", f"layers.{i}."
-        for theirs, ours in (("input_layernorm", "attn_norm"),
-                             ("post_attention_layernorm", "post_attn_norm"),
-                             ("pre_feedforward_layernorm", "mlp_norm"),
-                             ("post_feedforward_layernorm", "post_mlp_norm"),
-                             ("self_attn.q_norm", "q_norm")):
-            state[dst + ours + ".weight"] = get(src + theirs + ".weight")
-        for theirs, ours in (("self_attn.q_proj", "q_proj"), ("self_attn.o_proj", "o_proj"),
-                             ("mlp.down_proj", "down")):
+        for ours, theirs in _LAYER_NAMES:
             state[dst + ours + ".weight"] = get(src + theirs + ".weight")
         state[dst + "gate_up.weight"] = torch.cat([get(src + "mlp.gate_proj.weight"),
                                                    get(src + "mlp.up_proj.weight")])
@@ -308,12 +310,7 @@ def save_assistant(head: MTPHead, folder: str | Path, dtype: torch.dtype = torch
            "model.embed_tokens.weight": state["embedding"]}
     for i in range(cfg.num_layers):
         src, dst = f"layers.{i}.", f"model.layers.{i}."
-        for ours, theirs in (("attn_norm", "input_layernorm"),
-                             ("post_attn_norm", "post_attention_layernorm"),
-                             ("mlp_norm", "pre_feedforward_layernorm"),
-                             ("post_mlp_norm", "post_feedforward_layernorm"),
-                             ("q_norm", "self_attn.q_norm"), ("q_proj", "self_attn.q_proj"),
-                             ("o_proj", "self_attn.o_proj"), ("down", "mlp.down_proj")):
+        for ours, theirs in _LAYER_NAMES:
             out[dst + theirs + ".weight"] = state[src + ours + ".weight"]
         gate, up = state[src + "gate_up.weight"].chunk(2)
         out[dst + "mlp.gate_proj.weight"], out[dst + "mlp.up_proj.weight"] = gate, up

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from mtpspec.config import ModelConfig
-from mtpspec.kv_cache import CacheFullError
+from mtpspec.kv_cache import CacheFullError, KVCache
 from mtpspec.loading import ModelLoadError, file_sha256
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -126,12 +126,7 @@ class HFKVCache:
         self.max_len = max_len
         self.batch_size = batch_size
 
-    def check_room(self, needed: int) -> None:
-        if needed > self.max_len:
-            raise CacheFullError(
-                f"sequence needs {needed} positions but the cache holds {self.max_len} "
-                f"(prompt plus new tokens exceed the context; shorten the prompt or max_new_tokens)"
-            )
+    check_room = KVCache.check_room  # the same message, on the same max_len
 
     def write(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store ``k``/``v`` ``[B, kvh, T, D]`` at ``positions`` ``[B, T]`` of ``layer``."""
