@@ -50,7 +50,7 @@ from mtpspec.sampling import SamplingParams, logits_to_probs, make_generator, sa
 from mtpspec.sequence import (AdaptiveDraftLength, FinishEvent, GenerateOptions, SequenceOutput,
                               TokenEvent)
 from mtpspec.tokenizer import Tokenizer
-from mtpspec.verify import greedy_verify, rejection_verify
+from mtpspec.verify import greedy_verify_argmax, rejection_verify
 
 PREFILL_CHUNK = 512
 GREEDY = SamplingParams()
@@ -96,6 +96,8 @@ class BatchSession:
         self.max_draft_k = max_draft_k if proposer is not None else 0
         self.max_verify_rows = max_verify_rows  # None: no cap on n * (k + 1)
         self.cache = model.new_cache(max_batch_size, self.max_len)  # [L, B, kvh, S, D]
+        if self.max_draft_k > 0:  # verification passes of several rows: argmax without logits
+            model.enable_argmax_screen()
         self.live: list[_Sequence] = []      # live[i] owns cache row i
         self.waiting: deque[_Sequence] = deque()
         self._next_id = 0
@@ -261,8 +263,13 @@ class BatchSession:
         pending = torch.tensor([seq.pending for seq in live])  # [n]
         ids = torch.cat([pending[:, None], tokens], dim=1)  # [n, w+1]
         block = positions[:, None] + torch.arange(width + 1)  # [n, w+1]
-        logits, hidden = self.model(ids, block, self.cache, num_logits=None)  # [n, w+1, V|d]
-        emitted, accepted = self._verify(logits, tokens, probs, counts)
+        if all(seq.options.sampling.greedy for seq in live):  # the argmax is all greedy rows need
+            _, hidden = self.model(ids, block, self.cache, num_logits=0)  # [n, w+1, d]
+            logits, target = None, self.model.greedy_tokens(hidden)  # [n, w+1]
+        else:
+            logits, hidden = self.model(ids, block, self.cache, num_logits=None)  # [n, w+1, V|d]
+            target = logits.argmax(dim=-1)  # [n, w+1]
+        emitted, accepted = self._verify(logits, target, tokens, probs, counts)
         self.steps += 1
         self.row_steps += len(live)
 
@@ -307,17 +314,18 @@ class BatchSession:
             cache=self.cache, params=params, generator=generator)
         return self.proposer.propose(state, k), shared
 
-    def _verify(self, logits: torch.Tensor, tokens: torch.Tensor, probs: torch.Tensor | None,
-                counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per group of rows: greedy or rejection verification. logits [n, w+1, V], tokens
-        [n, w], probs [n, w, V] or None, counts [n] -> (emitted [n, w+1], accepted [n])."""
+    def _verify(self, logits: torch.Tensor | None, target: torch.Tensor, tokens: torch.Tensor,
+                probs: torch.Tensor | None, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per group of rows: greedy or rejection verification. logits [n, w+1, V] (None when
+        every row is greedy), target [n, w+1] the argmax tokens, tokens [n, w], probs [n, w, V] or
+        None, counts [n] -> (emitted [n, w+1], accepted [n])."""
         batch, width = tokens.shape
         emitted = torch.full((batch, width + 1), -1, dtype=torch.long)
         accepted = torch.zeros(batch, dtype=torch.long)
         for group, rows in _groups(self.live).items():
             index = torch.tensor(rows) if len(rows) < batch else slice(None)
             if group == "greedy":
-                result = greedy_verify(logits[index], tokens[index], counts[index])
+                result = greedy_verify_argmax(target[index], tokens[index], counts[index])
             else:
                 seq = self.live[rows[0]]
                 p = logits_to_probs(logits[index], seq.options.sampling)  # [g, w+1, V]

@@ -433,6 +433,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_backoff_ms", &set_backoff_ms);
 #ifdef MTPSPEC_WITH_FUSED
   register_fused(m);
+  m.def("screen_argmax", &screen::screen_argmax);
 #endif
 }
 """
@@ -492,8 +493,9 @@ def _extension():
         from torch.utils.cpp_extension import load_inline
 
         from mtpspec.fused_kernels import CPP as fused_cpp
+        from mtpspec.screen import CPP as screen_cpp
 
-        sources = [_CPP, fused_cpp, _BINDINGS]
+        sources = [_CPP, fused_cpp, screen_cpp, _BINDINGS]
         return load_inline(name=_build_name("mtpspec_ops", sources), cpp_sources=sources,
                            extra_cflags=[*flags, "-DMTPSPEC_WITH_FUSED"])
     except (RuntimeError, OSError, ImportError) as err:  # no compiler / ninja / AVX2 toolchain

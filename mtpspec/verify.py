@@ -84,9 +84,22 @@ def greedy_verify(
     ``[B, k]``, num_drafts ``[B]`` (optional, ragged batches: only the first num_drafts[b] drafts
     of row b are real; its bonus is the argmax at position num_drafts[b]).
     """
-    batch, k = _check_shapes(target_logits, draft_tokens, "target_logits")
+    _check_shapes(target_logits, draft_tokens, "target_logits")
+    return greedy_verify_argmax(target_logits.argmax(dim=-1), draft_tokens, num_drafts)
+
+
+def greedy_verify_argmax(
+    target_argmax: Tensor, draft_tokens: Tensor, num_drafts: Tensor | None = None
+) -> VerifyResult:
+    """``greedy_verify`` given the target's argmax tokens ``[B, k+1]`` instead of its logits
+    (what ``greedy_tokens`` of a model returns without computing every logit)."""
+    if target_argmax.dim() != 2 or draft_tokens.dim() != 2 or (
+            target_argmax.shape != (draft_tokens.shape[0], draft_tokens.shape[1] + 1)):
+        raise ValueError(f"target_argmax must be [B, k+1] for draft_tokens [B, k], got "
+                         f"{tuple(target_argmax.shape)} and {tuple(draft_tokens.shape)}")
+    batch, k = draft_tokens.shape
     valid = _valid_mask(num_drafts, batch, k, draft_tokens.device)  # [B, k]
-    target_argmax = target_logits.argmax(dim=-1)  # [B, k+1]
+    target_argmax = target_argmax.long()
     matches = (draft_tokens.long() == target_argmax[:, :k]) & valid  # [B, k]
     n = _leading_true(matches)  # [B]
     last = target_argmax.gather(1, n[:, None]).squeeze(1)  # [B] recovered or bonus argmax

@@ -232,15 +232,14 @@ def test_continuous_batching_equals_solo_greedy(tiny, plain_outputs, kind, monke
             for j, (join, budget) in enumerate(zip(joins, budgets))]
     rows = 6 if kind == "oracle-capped" else None  # 3 live rows: 1 draft each; 2 rows: 2
     shapes = []  # [rows, drafts + 1] of every verification pass
-    forward = tiny.forward
-
-    def spy(ids, positions, cache, num_logits=1):
-        if num_logits is None:
-            shapes.append(tuple(ids.shape))
-        return forward(ids, positions, cache, num_logits)
-    monkeypatch.setattr(tiny, "forward", spy)
     session = BatchSession(tiny, None, proposer, max_batch_size=3, max_len=64, max_draft_k=5,
                            max_verify_rows=rows)
+    verify = session._verify
+
+    def spy(logits, target, tokens, probs, counts):
+        shapes.append(tuple(target.shape))
+        return verify(logits, target, tokens, probs, counts)
+    monkeypatch.setattr(session, "_verify", spy)
     results, busiest = _run_session(session, plan, cancel_at=(2, 1))
     assert busiest == (2 if kind == "oracle" else 3)  # the oracle finishes sequences fast
     assert set(results) == set(range(len(plan))) - {1}

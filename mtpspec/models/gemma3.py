@@ -30,6 +30,7 @@ from mtpspec.config import ModelConfig
 from mtpspec.kv_cache import CacheFullError, KVCache
 from mtpspec.models.dense import DenseLinear
 from mtpspec.ops import FORMATS, PackedLinear
+from mtpspec.screen import ArgmaxScreen
 
 
 def make_linear(weight: torch.Tensor, fmt: str):
@@ -146,6 +147,7 @@ class Gemma3Model(nn.Module):
         self._rope: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}
         self.use_fused = True  # CPU inference through mtpspec.fused when it applies
         self._fused: fused.FusedGemma3 | None | bool = None  # built on first use; False: failed
+        self._screen: ArgmaxScreen | None = None  # exact argmax without every logit (int8 head)
 
     def __getstate__(self):
         state = super().__getstate__().copy()
@@ -164,6 +166,27 @@ class Gemma3Model(nn.Module):
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits ``[*, V]`` of final-normed hidden states ``[*, d]`` (the tied head)."""
         return self.embed(hidden)
+
+    def enable_argmax_screen(self) -> bool:
+        """Build the argmax screen (``mtpspec.screen``: +V*d bytes) when the head is int8 on the
+        CPU and the C++ kernels built; ``greedy_tokens`` then uses it. Returns whether it is on."""
+        if self._screen is None and (self.weight_format == "int8" and ArgmaxScreen.available()
+                                     and self.norm_scale.device.type == "cpu"):
+            self._screen = ArgmaxScreen(self.embed)
+        return self._screen is not None
+
+    @property
+    def screen_nbytes(self) -> int:
+        return self._screen.nbytes if self._screen is not None else 0
+
+    @torch.inference_mode()
+    def greedy_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``lm_head(hidden).argmax(-1)`` ``[*]`` for hidden ``[*, d]``, bit for bit; through the
+        argmax screen when it is on and there are several rows (one row reads the same bytes
+        either way, and the full head is then a little faster)."""
+        if self._screen is not None and hidden.numel() > hidden.shape[-1]:
+            return self._screen(hidden)
+        return self.lm_head(hidden).argmax(dim=-1)
 
     def _rope_tables(self, needed: int, device: torch.device):
         if needed > self._rope_len or self._rope[True][0].device != device:

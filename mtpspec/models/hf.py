@@ -279,6 +279,15 @@ class HFModel(nn.Module):
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
 
+
+    def enable_argmax_screen(self) -> bool:
+        return False  # the screen needs a packed int8 head (mtpspec.screen)
+
+    @torch.no_grad()
+    def greedy_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``lm_head(hidden).argmax(-1)`` ``[*]`` for hidden ``[*, d]``."""
+        return self.lm_head(hidden).argmax(dim=-1)
+
     def _masks(self, positions: torch.Tensor, end: int):
         """Boolean masks ``[B, 1, T, end]`` per layer kind: causal, and windowed when sliding."""
         slots = torch.arange(end, device=positions.device)

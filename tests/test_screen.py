@@ -1,0 +1,91 @@
+"""The argmax screen (mtpspec.screen) returns exactly the int8 head's argmax: the token
+``PackedLinear(hidden).argmax(-1)`` picks, first index on ties, while computing few exact logits."""
+import pytest
+import torch
+
+from mtpspec.ops import PackedLinear, set_num_threads
+from mtpspec.screen import ArgmaxScreen
+
+pytestmark = pytest.mark.skipif(not ArgmaxScreen.available(), reason="C++ kernels not built")
+
+
+def _head(vocab: int, k: int, seed: int = 0) -> PackedLinear:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(vocab, k, generator=g) * (0.5 + torch.rand(vocab, 1, generator=g))
+    return PackedLinear.from_weight(w, "int8")
+
+
+def _hidden(rows: int, k: int, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(rows, k, generator=g)
+    h[:, :3] *= 12.0  # a few large channels, as final hidden states have
+    return h
+
+
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def threads(request):
+    set_num_threads(request.param)
+    yield request.param
+    set_num_threads(2)
+
+
+@pytest.mark.parametrize("vocab,k", [(4096, 640), (1000, 100), (37, 33)])
+def test_screen_equals_full_argmax(vocab, k, threads):
+    head = _head(vocab, k)
+    screen = ArgmaxScreen(head)
+    for rows in (1, 2, 3, 4, 5, 7, 8, 9, 16):
+        h = _hidden(rows, k, seed=rows)
+        assert torch.equal(screen(h), head(h).argmax(-1)), (vocab, k, rows)
+
+
+def test_screen_prunes_on_a_clear_winner():
+    head = _head(8192, 256)
+    screen = ArgmaxScreen(head)
+    h = head.dequantized()[[5, 700, 8000]] * 3.0  # each row is its own token's direction
+    assert screen(h).tolist() == head(h).argmax(-1).tolist() == [5, 700, 8000]
+    assert int(screen.last_candidates.max()) < 100  # recomputed exactly: a handful, not 8192
+
+
+def test_ties_go_to_the_first_token_like_torch_argmax():
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(512, 64, generator=g)
+    w[300] = w[40]  # identical rows: identical logits
+    w[41] = w[40] * (1 - 1e-7)  # a near-tie that int8 rounds onto the same row
+    head = PackedLinear.from_weight(w, "int8")
+    screen = ArgmaxScreen(head)
+    h = torch.stack([head.dequantized()[40], -head.dequantized()[40], torch.zeros(64)])
+    assert torch.equal(screen(h), head(h).argmax(-1))
+    assert int(screen(h)[0]) == 40 and int(screen(h)[2]) == 0  # all-zero logits: token 0
+
+
+def test_near_ties_between_different_rows_are_exact():
+    """Two rows whose logits differ in the last bits: the screen cannot tell them apart, the exact
+    rescoring must."""
+    head = _head(2048, 128, seed=5)
+    base = head.dequantized()
+    for seed in range(20):
+        g = torch.Generator().manual_seed(seed)
+        a, b = torch.randint(0, 2048, (2,), generator=g).tolist()
+        h = (base[a] + base[b]) / 2 + 1e-6 * torch.randn(128, generator=g)
+        assert torch.equal(ArgmaxScreen(head)(h[None]), head(h[None]).argmax(-1)), seed
+
+
+def test_ordered_copy_with_padding():
+    head = _head(1000, 96)
+    order = torch.randperm(1000, generator=torch.Generator().manual_seed(0))
+    order = torch.cat([order, torch.full((8,), -1)])  # padding rows never win
+    screen = ArgmaxScreen(head, ordering=order)
+    h = _hidden(6, 96)
+    assert torch.equal(screen(h), head(h).argmax(-1))
+
+
+def test_non_finite_rows_fall_back_to_the_full_product():
+    head = _head(300, 64)
+    h = _hidden(3, 64)
+    h[1, 5] = float("nan")
+    assert torch.equal(ArgmaxScreen(head)(h), head(h).argmax(-1))
+
+
+def test_only_int8_heads():
+    with pytest.raises(ValueError, match="int8"):
+        ArgmaxScreen(PackedLinear.from_weight(torch.randn(32, 32), "bf16"))
