@@ -22,7 +22,7 @@ from mtpspec.proposers.factory import DEFAULT_DRAFT_CONFIDENCE, SPECS, SpecError
 from mtpspec.runtime import DEFAULT_WEIGHTS
 from mtpspec.tokenizer import NoChatTemplateError, UnsupportedTokenizerError
 
-DEFAULT_DRAFT_K = 4
+DEFAULT_DRAFT_K = 6  # the longest draft; the confidence stop usually ends it sooner
 DEFAULT_MAX_LEN = 4096
 
 

@@ -82,14 +82,19 @@ class FusedGemma3:
                                    tables, ops.get_num_threads())
 
 
+def padded_cluster_rows(clusters: Tensor) -> Tensor:
+    """clusters [C, S] token ids -> [C * S'] the same ids, each cluster padded with -1 to a multiple
+    S' of 16 rows (whole panels)."""
+    num, size = clusters.shape
+    idx = torch.full((num, -(-size // 16) * 16), -1, dtype=torch.long)
+    idx[:, :size] = clusters
+    return idx.flatten()
+
+
 def cluster_ordered(embed: PackedLinear, clusters: Tensor, chunk: int = 32_768) -> PackedLinear:
     """A packed copy of ``embed`` whose rows are ``clusters`` [C, S] (token ids), each cluster padded
     with zero rows to a multiple of 16 so that it owns whole panels; same format and bits."""
-    num, size = clusters.shape
-    padded = -(-size // 16) * 16
-    idx = torch.full((num, padded), -1, dtype=torch.long)
-    idx[:, :size] = clusters
-    idx = idx.flatten()  # [C * padded], -1 = a zero row
+    idx = padded_cluster_rows(clusters)  # [C * padded], -1 = a zero row
     total, k = idx.numel(), embed.in_features
     packed = torch.empty((total // 16, *embed.packed.shape[1:]), dtype=embed.packed.dtype)
     scales = embed.scales
@@ -124,7 +129,11 @@ class FusedDrafter:
     frequency LM head, in C++. The head's float weights are packed once here in ``weights`` (fp32 by
     default: the reference's numbers; bf16 halves the bytes a step reads, at bf16 rounding)."""
 
-    def __init__(self, head, target, kind: str, weights: str = "fp32"):
+    def __init__(self, head, target, kind: str, weights: str = "fp32", share_screen: bool = True):
+        """share_screen: a clustered head scores tokens with integer estimates from the target's
+        argmax screen (mtpspec.screen, built here in this head's cluster order if the target has
+        none yet) instead of exact logits from a cluster-ordered copy of its own (V x d bytes
+        saved; drafts only, so output never changes)."""
         ext = ops.fused_extension()
         if ext is None:
             raise RuntimeError("the fused C++ layers are not available")
@@ -159,10 +168,17 @@ class FusedDrafter:
             self.frequent_ids = head.frequent_tokens.detach().cpu()  # [N]
             self.frequent = cluster_ordered(target.embed, self.frequent_ids[None])
             self.nbytes += self.frequent.nbytes
+        screen = None  # the target's argmax screen, when it holds our clusters: no copy of our own
         if kind == "clustered":
             members = head.token_ordering.detach().cpu().view(cfg.num_clusters, size).contiguous()
             centroids = PackedLinear.from_weight(head.centroids.detach().float().cpu(), "fp32")
-            linears += [own(centroids), own(cluster_ordered(target.embed, members))]
+            linears.append(own(centroids))
+            rows = padded_cluster_rows(members)
+            enable = getattr(target, "enable_argmax_screen", None)
+            screen = enable(rows) if enable is not None and share_screen else None
+            if screen is None or not torch.equal(screen.order, rows):
+                screen = None
+                linears.append(own(cluster_ordered(target.embed, members)))
         dims = [cfg.target_hidden, cfg.d_draft, cfg.num_heads, cfg.target_kv_heads, cfg.head_dim,
                 cfg.intermediate_size, cfg.sliding_window, ops._CHUNK_BYTES, cfg.top_clusters, size,
                 -(-size // 16) * 16]
@@ -170,6 +186,9 @@ class FusedDrafter:
         self.head = head
         self._stack = ext.DraftStack(dims, reals, list(cfg.target_layers),
                                      list(cfg.layer_is_global), linears, norms, members)
+        self.shares_screen = screen is not None
+        if screen is not None:
+            self._stack.use_screen(screen.u, screen.scale, screen.beta)
 
     def step(self, tokens: Tensor, hidden: Tensor, query_positions: Tensor, context_end: Tensor,
              cache) -> Tensor:

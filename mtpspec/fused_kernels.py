@@ -497,9 +497,10 @@ class DraftStack {
     TORCH_CHECK(dh_ % 8 == 0 && dh_ <= kMaxHeadDim && H_ % kvh_ == 0 && (int64_t)is_global.size() == L_);
     TORCH_CHECK((int64_t)norms.size() == 5 * L_ + 2);
     const int64_t nlin = 3 + 4 * L_;
-    TORCH_CHECK((int64_t)linears.size() == nlin || (int64_t)linears.size() == nlin + 2);
+    TORCH_CHECK((int64_t)linears.size() >= nlin && (int64_t)linears.size() <= nlin + 2);
+    has_centroids_ = (int64_t)linears.size() > nlin;
     for (const auto& t : linears) lin_.emplace_back(t);
-    clustered_ = (int64_t)linears.size() == nlin + 2;
+    clustered_ = (int64_t)linears.size() == nlin + 2;  // else use_screen must give the embedding
     const Linear* w = lin_.data();
     TORCH_CHECK(w[0].ref.K == dt_ && w[1].ref.N == dd_ && w[1].ref.K == 2 * dt_ && w[nlin - 1].ref.N == dt_ &&
                 w[nlin - 1].ref.K == dd_, "projection shapes");
@@ -513,6 +514,11 @@ class DraftStack {
     }
     vec_of(norms_[5 * L_], dd_);
     vec_of(norms_[5 * L_ + 1], dt_);
+    if (has_centroids_) {
+      TORCH_CHECK(w[nlin].ref.K == dt_ && cpad_ % 16 == 0 && csize_ <= cpad_ && top_ >= 1 && top_ <= w[nlin].ref.N,
+                  "centroid shapes");
+      long_data(cluster_ids_, w[nlin].ref.N * csize_, "cluster ids: contiguous int64 [C, S]");
+    }
     if (clustered_) {
       const int64_t C = w[nlin].ref.N;
       TORCH_CHECK(w[nlin].ref.K == dt_ && w[nlin + 1].ref.K == dt_ && cpad_ % 16 == 0 && csize_ <= cpad_ &&
@@ -601,6 +607,20 @@ class DraftStack {
     return out;
   }
 
+  // The clustered head reads the target's argmax screen (mtpspec/screen.py) instead of a
+  // cluster-ordered copy of its own: u [C * cpad / 16, 2, Kp/4, 8, 4] in this drafter's padded
+  // cluster order, with its per-row scales and bounds [C * cpad]. Logits become integer estimates.
+  void use_screen(torch::Tensor u, torch::Tensor scale, torch::Tensor beta) {
+    const int64_t nlin = 3 + 4 * L_;
+    TORCH_CHECK(has_centroids_, "this drafter has no clustered head");
+    const int64_t C = lin_[nlin].ref.N;
+    TORCH_CHECK(u.dim() == 5 && u.scalar_type() == torch::kUInt8 && u.is_contiguous() && u.size(0) * 16 == C * cpad_ &&
+                u.size(2) * 4 >= dt_ && scale.numel() == C * cpad_ && beta.numel() == C * cpad_,
+                "the screen does not hold this drafter's clusters");
+    screen_u_ = u; screen_scale_ = scale; screen_beta_ = beta;
+    clustered_ = true;
+  }
+
   // h [B, dt] -> [best token [B], and when want_logits: logits [B, m*S], token ids [B, m*S]]
   // (the chosen clusters in descending centroid score, members in cluster order)
   std::vector<torch::Tensor> clustered(torch::Tensor hidden, bool want_logits, int64_t threads) {
@@ -609,7 +629,7 @@ class DraftStack {
                 hidden.size(1) == dt_, "hidden: contiguous float32 [B, d]");
     const int64_t B = hidden.size(0), nlin = 3 + 4 * L_;
     const PackedRef& cent = lin_[nlin].ref;
-    const PackedRef& emb = lin_[nlin + 1].ref;
+    const bool shared = screen_u_.defined();
     const int64_t C = cent.N, m = top_;
     auto best = torch::empty({B}, torch::kLong);
     auto logits = want_logits ? torch::empty({B, m * csize_}, torch::kFloat) : torch::empty({0}, torch::kFloat);
@@ -631,11 +651,28 @@ class DraftStack {
     auto sub = scratch(B * m * cpad_);
     const int64_t panels = cpad_ / 16;
     float* sp = sub.get();
-    parallel_for(B * m, threads, [&](int64_t t) {
-      const int64_t b = t / m, c = chosen[t];
-      Job j{h + b * dt_, 1, dt_, emb.N, emb.w, emb.s, emb.G, sp + t * cpad_, emb.fmt, panels, emb.N / 16, c * cpad_};
-      run_panels_any(j, c * panels, (c + 1) * panels);
-    });
+    if (shared) {
+      const int64_t Kp = screen_u_.size(2) * 4, ng = Kp / 32;
+      std::vector<int8_t> a(B * Kp);
+      std::vector<int32_t> corr(B * ng);
+      std::vector<float> sc(B * ng), radius(B);
+      screen::quantize_rows(h, B, dt_, Kp, a.data(), corr.data(), sc.data(), radius.data());
+      const uint8_t* u = screen_u_.data_ptr<uint8_t>();
+      const float *us = screen_scale_.data_ptr<float>(), *ub = screen_beta_.data_ptr<float>();
+      parallel_for(B * m, threads, [&](int64_t t) {
+        const int64_t b = t / m, c = chosen[t];
+        for (int64_t q = 0; q < panels; ++q)
+          screen::panel_estimates(u, us, ub, Kp, a.data() + b * Kp, corr.data() + b * ng, sc.data() + b * ng,
+                                  radius.data() + b, c * panels + q, sp + t * cpad_ + q * 16);
+      });
+    } else {
+      const PackedRef& emb = lin_[nlin + 1].ref;
+      parallel_for(B * m, threads, [&](int64_t t) {
+        const int64_t b = t / m, c = chosen[t];
+        Job j{h + b * dt_, 1, dt_, emb.N, emb.w, emb.s, emb.G, sp + t * cpad_, emb.fmt, panels, emb.N / 16, c * cpad_};
+        run_panels_any(j, c * panels, (c + 1) * panels);
+      });
+    }
     int64_t* bp = best.data_ptr<int64_t>();
     for (int64_t b = 0; b < B; ++b) {
       float top = -std::numeric_limits<float>::infinity();
@@ -658,7 +695,8 @@ class DraftStack {
  private:
   int64_t dt_, dd_, H_, kvh_, dh_, inter_, window_, chunk_, top_, csize_, cpad_, L_;
   float eps_, qscale_, embed_scale_;
-  bool clustered_ = false;
+  bool clustered_ = false, has_centroids_ = false;
+  torch::Tensor screen_u_, screen_scale_, screen_beta_;
   std::vector<int64_t> target_layers_;
   std::vector<bool> is_global_;
   std::vector<Linear> lin_;
@@ -677,6 +715,7 @@ void register_fused(pybind11::module_& m) {
       .def(pybind11::init<std::vector<int64_t>, std::vector<double>, std::vector<int64_t>, std::vector<bool>,
                           std::vector<fused::PackedSpec>, std::vector<torch::Tensor>, torch::Tensor>())
       .def("step", &fused::DraftStack::step)
-      .def("clustered", &fused::DraftStack::clustered);
+      .def("clustered", &fused::DraftStack::clustered)
+      .def("use_screen", &fused::DraftStack::use_screen);
 }
 """

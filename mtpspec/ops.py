@@ -495,7 +495,7 @@ def _extension():
         from mtpspec.fused_kernels import CPP as fused_cpp
         from mtpspec.screen import CPP as screen_cpp
 
-        sources = [_CPP, fused_cpp, screen_cpp, _BINDINGS]
+        sources = [_CPP, screen_cpp, fused_cpp, _BINDINGS]
         return load_inline(name=_build_name("mtpspec_ops", sources), cpp_sources=sources,
                            extra_cflags=[*flags, "-DMTPSPEC_WITH_FUSED"])
     except (RuntimeError, OSError, ImportError) as err:  # no compiler / ninja / AVX2 toolchain

@@ -78,6 +78,36 @@ __attribute__((noinline)) static void micro(const uint8_t* __restrict u, const i
   }
 }
 
+// rows x [M, K] -> a [M, Kp] int8 in [-63, 63] (zero past K), per group of 32: corr = 128 * sum(a),
+// sc = max|x| / 63; radius[r] = ||x - a * sc||_2 * 1.001 + 1e-4 * ||x||_2 (see mtpspec/screen.py)
+static void quantize_rows(const float* xp, int64_t M, int64_t K, int64_t Kp, int8_t* a, int32_t* corr,
+                          float* sc, float* radius) {
+  const int64_t ng = Kp / 32;
+  std::fill(a, a + M * Kp, 0);
+  for (int64_t r = 0; r < M; ++r) {
+    double err2 = 0.0, norm2 = 0.0;
+    for (int64_t g = 0; g < ng; ++g) {
+      const int64_t k0 = g * 32, k1 = std::min(K, k0 + 32);
+      float amax = 0.f;
+      for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::fabs(xp[r * K + k]));
+      const float scl = amax > 0.f ? amax / 63.f : 1.f;
+      int32_t sum = 0;
+      for (int64_t k = k0; k < k1; ++k) {
+        const double v = xp[r * K + k];
+        const int q = (int)std::max(-63.0, std::min(63.0, std::nearbyint(v / scl)));
+        a[r * Kp + k] = (int8_t)q;
+        sum += q;
+        const double e = v - (double)q * (double)scl;
+        err2 += e * e;
+        norm2 += v * v;
+      }
+      corr[r * ng + g] = 128 * sum;
+      sc[r * ng + g] = scl;
+    }
+    radius[r] = (float)std::max(1e-30, (std::sqrt(err2) * 1.001 + 1e-4 * std::sqrt(norm2)) * (1.0 + 1e-6));
+  }
+}
+
 struct Job {
   const uint8_t* u; const float* scale; const float* beta;
   const int8_t* a; const int32_t* corr; const float* sc; const float* radius;
@@ -119,6 +149,16 @@ static void run_chunk(const void* ctx, int64_t c) {
     _mm256_store_ps(v, lo[r]);
     j.lo_max[c * j.M + r] = *std::max_element(v, v + 8);
   }
+}
+
+// estimates of the 16 tokens of panel p for one quantized row (the drafter's clustered head reads
+// the screen's copy of the embedding this way: drafts need no exact logits)
+static void panel_estimates(const uint8_t* u, const float* scale, const float* beta, int64_t Kp, const int8_t* a,
+                            const int32_t* corr, const float* sc, const float* radius, int64_t p, float* out) {
+  __m256 lo = _mm256_setzero_ps();
+  for (int half = 0; half < 2; ++half)
+    micro<1>(u + (p * 2 + half) * (Kp / 4) * 32, a, Kp, corr, sc, Kp / 32, scale + p * 16 + half * 8,
+             beta + p * 16 + half * 8, radius, out + half * 8, 0, &lo);
 }
 
 struct Rescore {
@@ -182,28 +222,7 @@ std::vector<torch::Tensor> screen_argmax(torch::Tensor x, torch::Tensor w, torch
   std::vector<int8_t> a(M * Kp, 0);
   std::vector<int32_t> corr(M * ng, 0);
   std::vector<float> sc(M * ng, 0.f), radius(M, 0.f);
-  for (int64_t r = 0; r < M; ++r) {
-    double err2 = 0.0, norm2 = 0.0;
-    for (int64_t g = 0; g < ng; ++g) {
-      const int64_t k0 = g * 32, k1 = std::min(K, k0 + 32);
-      float amax = 0.f;
-      for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::fabs(xp[r * K + k]));
-      const float scl = amax > 0.f ? amax / 63.f : 1.f;
-      int32_t sum = 0;
-      for (int64_t k = k0; k < k1; ++k) {
-        const double v = xp[r * K + k];
-        const int q = (int)std::max(-63.0, std::min(63.0, std::nearbyint(v / scl)));
-        a[r * Kp + k] = (int8_t)q;
-        sum += q;
-        const double e = v - (double)q * (double)scl;
-        err2 += e * e;
-        norm2 += v * v;
-      }
-      corr[r * ng + g] = 128 * sum;
-      sc[r * ng + g] = scl;
-    }
-    radius[r] = (float)std::max(1e-30, (std::sqrt(err2) * 1.001 + 1e-4 * std::sqrt(norm2)) * (1.0 + 1e-6));
-  }
+  quantize_rows(xp, M, K, Kp, a.data(), corr.data(), sc.data(), radius.data());
 
   // 2. every token's estimate, and the largest lower bound per row and chunk
   const int64_t ppc = std::max<int64_t>(1, chunk_bytes / (Kp * 16));
@@ -263,7 +282,7 @@ class ArgmaxScreen:
             self.scale[begin:begin + ids.numel()] = s.float()
             beta = torch.where(valid, s * norm * (1 + 1e-6), float("inf"))
             self.beta[begin:begin + ids.numel()] = beta.float()
-        self.order = torch.empty(0, dtype=torch.long) if ordering is None else rows
+        self.order = torch.empty(0, dtype=torch.long) if ordering is None else rows  # [T]
         self.last_candidates: Tensor | None = None  # [N] candidates per row of the last call
 
     @property

@@ -173,7 +173,7 @@ def drafter_state(target, lengths, seed=0, greedy=True):
 def test_draft_step_and_clustered_head_match(fmt, num_clusters, threads):
     target = tiny_model(seed=8, fmt=fmt, sliding_window=6)
     head = tiny_drafter(target, num_clusters)
-    fast = fused.FusedDrafter(head, target, "clustered")
+    fast = fused.FusedDrafter(head, target, "clustered", share_screen=False)
     state = drafter_state(target, [9, 3, 14])
     token = torch.tensor([5, 6, 7])
     for query in (state.positions, state.positions + 2):  # constant and advancing positions
@@ -189,6 +189,31 @@ def test_draft_step_and_clustered_head_match(fmt, num_clusters, threads):
     assert torch.equal(ids, ids_ref)
     assert_close(logits, logits_ref)
     assert torch.equal(best, ids_ref.gather(1, logits_ref.argmax(-1, keepdim=True))[:, 0])
+
+
+def test_clustered_head_on_the_shared_screen_stays_within_its_bound(threads):
+    """With an int8 target the clustered head reads the argmax screen's copy of the embedding:
+    its logits are integer estimates, each within the screen's bound of the exact logit."""
+    target = tiny_model(seed=8, fmt="int8")
+    head = tiny_drafter(target, 16)
+    fast = fused.FusedDrafter(head, target, "clustered")
+    assert fast.shares_screen and target.enable_argmax_screen() is not None
+    own = fused.FusedDrafter(head, target, "clustered", share_screen=False)
+    assert not own.shares_screen
+    assert own.nbytes - fast.nbytes >= target.embed.nbytes * 0.9  # no cluster-ordered copy
+    h = drafter_state(target, [9, 3, 14]).hidden
+    logits_ref, ids_ref = DraftHeadLogits(head, target)(h)
+    best, logits, ids = fast.clustered(h, want_logits=True)
+    assert torch.equal(ids, ids_ref)
+    screen = target.enable_argmax_screen()
+    inverse = {int(t): i for i, t in enumerate(screen.order)}
+    beta = screen.beta[[inverse[int(t)] for t in ids.flatten()]].view(ids.shape)
+    groups = torch.nn.functional.pad(h, (0, -h.shape[1] % 32)).view(h.shape[0], -1, 32)
+    scale = groups.abs().amax(-1, keepdim=True) / 63  # the screen's 6-bit activations
+    err = (groups - torch.round(groups / scale) * scale).flatten(1).norm(dim=-1, keepdim=True)
+    radius = err * 1.001 + 1e-4 * h.norm(dim=-1, keepdim=True)  # [B, 1] (mtpspec.screen)
+    assert ((logits - logits_ref).abs() <= beta * radius * 1.01 + 1e-6).all()
+    assert torch.equal(best, ids.gather(1, logits.argmax(-1, keepdim=True))[:, 0])
 
 
 def test_draft_step_sees_nothing_at_position_zero():
@@ -212,7 +237,8 @@ def test_proposals_equal_reference(kind, greedy, threads):
     head = tiny_drafter(target, num_clusters=32, seed=1)
     drafts = []
     for use_fused in (True, False):
-        proposer = MTPProposer(head, target, kind, use_fused=use_fused, fused_weights="fp32")
+        proposer = MTPProposer(head, target, kind, use_fused=use_fused, fused_weights="fp32",
+                               share_screen=False)
         assert (proposer.fused is not None) == use_fused
         drafts.append(proposer.propose(drafter_state(target, [11, 4, 17], greedy=greedy), k=5))
     fast, ref = drafts

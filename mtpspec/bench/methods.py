@@ -61,7 +61,9 @@ class EngineMethod:
     @property
     def extra_memory_bytes(self) -> int:
         """The proposer's own weights and cache (read after a run, when its cache exists)."""
-        return proposer_nbytes(self.engine.proposer, self.engine.model)
+        # plus the argmax screen that speculative sessions build for verification (mtpspec.screen)
+        screen = getattr(self.engine.model, "screen_nbytes", 0) if self.engine.proposer else 0
+        return proposer_nbytes(self.engine.proposer, self.engine.model) + screen
 
     def run(self, prompts: list[list[int]], options: GenerateOptions) -> list[Run]:
         options = replace(options, draft_k=self.draft_k or 0)

@@ -167,13 +167,15 @@ class Gemma3Model(nn.Module):
         """Logits ``[*, V]`` of final-normed hidden states ``[*, d]`` (the tied head)."""
         return self.embed(hidden)
 
-    def enable_argmax_screen(self) -> bool:
+    def enable_argmax_screen(self, ordering: torch.Tensor | None = None) -> ArgmaxScreen | None:
         """Build the argmax screen (``mtpspec.screen``: +V*d bytes) when the head is int8 on the
-        CPU and the C++ kernels built; ``greedy_tokens`` then uses it. Returns whether it is on."""
+        CPU and the C++ kernels built; ``greedy_tokens`` then uses it. Returns it (None: off).
+        ordering: its row order if it is built now (a clustered drafter's cluster order [V'],
+        -1 for padding, so that the drafter's LM head reads the same copy)."""
         if self._screen is None and (self.weight_format == "int8" and ArgmaxScreen.available()
                                      and self.norm_scale.device.type == "cpu"):
-            self._screen = ArgmaxScreen(self.embed)
-        return self._screen is not None
+            self._screen = ArgmaxScreen(self.embed, ordering)
+        return self._screen
 
     @property
     def screen_nbytes(self) -> int:

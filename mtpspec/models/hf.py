@@ -280,8 +280,8 @@ class HFModel(nn.Module):
         return logits
 
 
-    def enable_argmax_screen(self) -> bool:
-        return False  # the screen needs a packed int8 head (mtpspec.screen)
+    def enable_argmax_screen(self, ordering: torch.Tensor | None = None) -> None:
+        return None  # the screen needs a packed int8 head (mtpspec.screen)
 
     @torch.no_grad()
     def greedy_tokens(self, hidden: torch.Tensor) -> torch.Tensor:

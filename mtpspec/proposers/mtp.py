@@ -72,26 +72,27 @@ class MTPProposer:
 
     def __init__(self, head: MTPHead, target: Gemma3Model, head_kind: str | None = None,
                  use_fused: bool = True, fused_weights: str = "int8",
-                 min_confidence: float | None = None):
+                 min_confidence: float | None = None, share_screen: bool = True):
         """use_fused: draft in C++ where it applies (CPU, packed target); fused_weights: the
         format the head's weights are packed in for it (fp32: the reference's numbers; int8, the
         default, halves a draft step and drafted the same tokens on MT-bench: it only moves
         acceptance, never the output);
-        min_confidence: stop a row's draft early (see the module docstring); None: draft k."""
+        min_confidence: stop a row's draft early (see the module docstring); None: draft k;
+        share_screen: the fused clustered head reads the target's argmax screen (``fused``)."""
         if min_confidence is not None and not 0.0 < min_confidence < 1.0:
             raise ValueError(f"min_confidence must be in (0, 1), got {min_confidence!r}")
         self.min_confidence = min_confidence
         self.head = head.eval()
         self.target = target
         self.logits = DraftHeadLogits(head, target, head_kind)
-        self.fused = self._build_fused(fused_weights) if use_fused else None
+        self.fused = self._build_fused(fused_weights, share_screen) if use_fused else None
 
-    def _build_fused(self, weights: str) -> fused.FusedDrafter | None:
+    def _build_fused(self, weights: str, share_screen: bool) -> fused.FusedDrafter | None:
         on_cpu = all(p.device.type == "cpu" for p in self.head.parameters())
         if not (on_cpu and self.target.weight_format in FORMATS and fused.available()):
             return None
         try:
-            return fused.FusedDrafter(self.head, self.target, self.logits.kind, weights)
+            return fused.FusedDrafter(self.head, self.target, self.logits.kind, weights, share_screen)
         except RuntimeError as err:  # a layout the C++ layers do not take
             warnings.warn(f"fused draft step unavailable ({err}); using the Python head")
             return None
