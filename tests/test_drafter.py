@@ -21,7 +21,7 @@ from mtpspec.drafter import checkpoint
 from mtpspec.drafter import train as train_module
 from mtpspec.drafter.checkpoint import DrafterMismatchError, load_drafter, read_config, save_drafter
 from mtpspec.drafter.clusters import balanced_kmeans, frequent_tokens
-from mtpspec.drafter.data import generate_batch
+from mtpspec.drafter.data import generate_batch, generate_states
 from mtpspec.drafter.head import HEAD_KINDS, DrafterConfig, MTPHead, init_weights
 from mtpspec.drafter.train import TrainConfig, evaluate, train
 from mtpspec.engine import Engine, GenerateOptions
@@ -128,6 +128,44 @@ def test_training_changes_the_head_and_never_the_target(dense, sequences, tmp_pa
                if value.is_floating_point() and not torch.equal(value, start[name])]
     assert "pre_projection.weight" in changed and "centroids" in changed
     assert len(changed) >= len(list(head.parameters())) // 2
+
+
+def test_recorded_states_are_what_a_target_pass_computes(target):
+    """The states kept while the packed target writes responses (``--gen-weights``) equal a fresh
+    pass of the same target over the finished sequences, up to their fp16 storage."""
+    prompts = [[2, 17, 40, 99], [2, 5], [2, 300, 301, 302, 303, 304]]
+    layers = (1, 3)
+    states = generate_states(target, prompts, 12, SamplingParams(), None, layers, top_k=8)
+    assert [st.ids for st in states] == [p + r for p, r in zip(
+        prompts, generate_batch(target, prompts, 12, SamplingParams()))]
+    ids, valid, hidden, cache, probs, tops, known = train_module.stored_pass(
+        states, max(len(st) for st in states), layers, "cpu")
+    fresh_hidden, fresh_cache, fresh_probs, fresh_tops = train_module.target_pass(target, ids, 8)
+    for b, st in enumerate(states):
+        n = len(st)
+        assert known[b].tolist() == [st.known_from <= t < n for t in range(ids.shape[1])]
+        torch.testing.assert_close(hidden[b, :n], fresh_hidden[b, :n], atol=2e-2, rtol=1e-2)
+        for layer in layers:
+            torch.testing.assert_close(cache.k[layer, b, :, :n], fresh_cache.k[layer, b, :, :n],
+                                       atol=2e-2, rtol=1e-2)
+            torch.testing.assert_close(cache.v[layer, b, :, :n], fresh_cache.v[layer, b, :, :n],
+                                       atol=2e-2, rtol=1e-2)
+        at = known[b]
+        assert torch.equal(tops[b, at, 0], fresh_tops[b, at, 0])  # the target's greedy token
+        torch.testing.assert_close(probs[b, at], fresh_probs[b, at], atol=2e-3, rtol=0)
+
+
+def test_training_from_recorded_states_leaves_the_target_alone(target, sequences, tmp_path):
+    """The CPU recipe trains from ``TargetStates`` with the packed target itself as the target."""
+    prompts = [seq[:4] for seq in sequences[:6]]
+    states = generate_states(target, prompts, 20, SamplingParams(), None,
+                             drafter_config(target.config).target_layers, top_k=8)
+    before = tensor_hashes(target)
+    head = fresh_head(target, [st.ids for st in states])
+    start = head.pre_projection.weight.clone()
+    train(head, target, states, small_run(3), tmp_path, log=quiet)
+    assert tensor_hashes(target) == before
+    assert not torch.equal(head.pre_projection.weight, start)
 
 
 def test_sampled_softmax_loss_equals_the_full_one_over_the_whole_vocabulary(dense, sequences,

@@ -129,3 +129,28 @@ def test_sample_respects_support_and_shape():
     assert tokens.shape == (1000,) and tokens.dtype == torch.int64
     assert set(tokens[0::2].tolist()) == {1, 2}
     assert set(tokens[1::2].tolist()) == {3}
+
+
+@pytest.mark.parametrize("top_p", [0.5, 0.9, 0.999])
+def test_top_p_from_a_partial_sort_equals_the_full_sort(top_p):
+    """Peaked rows are decided from their 1,024 likeliest tokens, flat rows by a full sort: both
+    keep exactly the tokens a full sort keeps."""
+    from mtpspec.sampling import _top_p_mask
+    gen = torch.Generator().manual_seed(0)
+    peaked = torch.randn(3, 50_000, generator=gen) * 4.0
+    flat = torch.randn(3, 50_000, generator=gen) * 0.1
+    probs = torch.softmax(torch.cat([peaked, flat]), dim=-1)  # [6, V]
+    sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+    inside = (torch.cumsum(sorted_probs, -1) - sorted_probs) < top_p
+    inside[:, 0] = True
+    want = torch.zeros_like(inside).scatter_(-1, order, inside)
+    assert torch.equal(_top_p_mask(probs, top_p), want)
+
+
+def test_sample_frequencies_follow_the_distribution():
+    probs = torch.tensor([0.5, 0.0, 0.3, 0.2, 0.0])
+    gen = torch.Generator().manual_seed(1)
+    draws = sample(probs.expand(40_000, -1), gen)
+    counts = torch.bincount(draws, minlength=5).float() / draws.numel()
+    assert counts[1] == 0 and counts[4] == 0  # never a token without mass
+    assert torch.allclose(counts, probs, atol=0.01)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -96,11 +97,52 @@ def build_prompts(tokenizer, sources: list[str], limit: int, max_prompt_tokens: 
     return prompts
 
 
+@dataclass
+class TargetStates:
+    """What the frozen target computed for one training sequence while it wrote the response,
+    kept so that training never runs the target again (``--gen-weights``: the states the engine's
+    own packed target produces, which are the states the drafter meets at run time).
+
+    Position t holds the target's state after token t; its next-token distribution (top-k,
+    renormalised) is known from the last prompt position on."""
+
+    ids: list[int]        # prompt + response
+    known_from: int       # first position whose distribution is recorded (prompt length - 1)
+    hidden: torch.Tensor  # [T, d] fp16: final-normed hidden state
+    keys: torch.Tensor    # [L, kvh, T, Dh] fp16: K of the target layers the drafter reads
+    values: torch.Tensor  # [L, kvh, T, Dh] fp16
+    probs: torch.Tensor   # [T, k] fp16: top-k probabilities of the next token (0 before known_from)
+    tops: torch.Tensor    # [T, k] int32: their token ids
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
 @torch.no_grad()
 @torch.inference_mode()  # no autograd: the packed model then takes its fused C++ path
 def generate_batch(model: Gemma3Model, prompts: list[list[int]], max_new_tokens: int,
                    params: SamplingParams, generator=None) -> list[list[int]]:
     """Responses of the target to ``prompts`` (lockstep batch; stops at EOS); any device."""
+    return _generate(model, prompts, max_new_tokens, params, generator)[0]
+
+
+@torch.no_grad()
+@torch.inference_mode()
+def generate_states(model: Gemma3Model, prompts: list[list[int]], max_new_tokens: int,
+                    params: SamplingParams, generator, layers: tuple[int, ...],
+                    top_k: int) -> list[TargetStates]:
+    """``generate_batch``, keeping each sequence's ``TargetStates`` (K/V of ``layers``)."""
+    return _generate(model, prompts, max_new_tokens, params, generator, (layers, top_k))[1]
+
+
+def _top(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [B, V] -> renormalised top-k probabilities and ids, [B, k] each."""
+    p, i = logits.float().softmax(-1).topk(k, dim=-1)
+    return p / p.sum(-1, keepdim=True), i
+
+
+def _generate(model, prompts, max_new_tokens, params, generator, keep=None):
+    """(responses, states or None); ``keep`` = (layers, top_k) records TargetStates."""
     device = getattr(model, "device", None) or model.norm_scale.device  # HFModel: .device
     batch = len(prompts)
     lengths = torch.tensor([len(p) for p in prompts], device=device)
@@ -112,7 +154,10 @@ def generate_batch(model: Gemma3Model, prompts: list[list[int]], max_new_tokens:
     _, hidden = model.forward_hidden(ids, torch.arange(longest, device=device).expand(batch, -1),
                                      cache, num_logits=0)
     last = hidden.gather(1, (lengths - 1).view(-1, 1, 1).expand(-1, 1, hidden.shape[-1]))
-    token = select(model.lm_head(last[:, 0]).float(), params, generator)  # [B]
+    logits = model.lm_head(last[:, 0]).float()  # [B, V]
+    token = select(logits, params, generator)  # [B]
+    steps = []  # per decode step: (hidden [B, d], top-k probs [B, k], ids [B, k])
+    first = _top(logits, keep[1]) if keep else None
     eos = torch.tensor(model.config.eos_token_ids, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     out = []
@@ -122,10 +167,32 @@ def generate_batch(model: Gemma3Model, prompts: list[list[int]], max_new_tokens:
         done |= torch.isin(token, eos)
         if bool(done.all()):
             break
-        logits, _ = model.forward_hidden(token[:, None], positions[:, None], cache)
+        logits, step_hidden = model.forward_hidden(token[:, None], positions[:, None], cache)
+        if keep:
+            steps.append((step_hidden[:, 0].half(), *_top(logits[:, -1], keep[1])))
         token = select(logits[:, -1].float(), params, generator)
         positions += 1
     table = torch.stack(out, 1).tolist()
-    return [[t for t in row[:row.index(-1)] if t not in model.config.eos_token_ids]
-            if -1 in row else [t for t in row if t not in model.config.eos_token_ids]
-            for row in table]
+    eos_ids = model.config.eos_token_ids
+    responses = [[t for t in row[:row.index(-1)] if t not in eos_ids]
+                 if -1 in row else [t for t in row if t not in eos_ids] for row in table]
+    if not keep:
+        return responses, None
+    layers, top_k = keep
+    states = []
+    for b, (prompt, response) in enumerate(zip(prompts, responses)):
+        n, total = len(prompt), len(prompt) + len(response)
+        fed = min(len(response), len(steps))  # response tokens the target ran on
+        total = n + fed
+        probs = torch.zeros(total, top_k, dtype=torch.float16)
+        tops = torch.zeros(total, top_k, dtype=torch.int32)
+        probs[n - 1], tops[n - 1] = first[0][b].half().cpu(), first[1][b].int().cpu()
+        for j in range(fed):
+            probs[n + j], tops[n + j] = steps[j][1][b].half().cpu(), steps[j][2][b].int().cpu()
+        hid = torch.cat([hidden[b, :n].half().cpu()] + [steps[j][0][b:b + 1].cpu()
+                                                        for j in range(fed)])  # [T, d]
+        states.append(TargetStates(
+            ids=(prompt + response)[:total], known_from=n - 1, hidden=hid,
+            keys=cache.k[list(layers), b, :, :total].half().cpu(),
+            values=cache.v[list(layers), b, :, :total].half().cpu(), probs=probs, tops=tops))
+    return responses, states

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from mtpspec.drafter.clusters import balanced_kmeans, frequent_tokens
-from mtpspec.drafter.data import build_prompts, generate_batch
+from mtpspec.drafter.data import build_prompts, generate_batch, generate_states
 from mtpspec.drafter.head import DrafterConfig, MTPHead, init_weights
 from mtpspec.drafter.train import TrainConfig, evaluate, train
 from mtpspec.loading import load_weights
@@ -74,14 +74,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="0: loss over the whole vocabulary; N: over the batch's soft targets "
                              "plus the N most frequent tokens (a CPU budget; try 16384)")
     parser.add_argument("--gen-weights", default=None, choices=("int8", "fp32"),
-                        help="generate the training responses with the packed fused target in "
-                             "this format (CPU, native Gemma 3: much faster); default: the "
-                             "training copy of the target")
+                        help="CPU, native Gemma 3: the engine's packed fused target in this format "
+                             "writes the responses, its states and top-k distributions are kept "
+                             "then, and training reads them instead of rerunning the target "
+                             "(no dense copy); default: a dense training copy does both")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-every", type=int, default=200)
 
 
-def _generate(target, prompts, args, device, log) -> list[list[int]]:
+def _generate(target, prompts, args, device, log, layers=None) -> list:
+    """Responses to ``prompts``: token lists, or with ``layers`` the ``TargetStates`` of each
+    sequence (the target's states and top-k distributions, recorded while it wrote them)."""
     sequences = []
     sampled = SamplingParams(temperature=0.8, top_p=0.95)
     generator = torch.Generator(device=device).manual_seed(args.seed)
@@ -93,16 +96,22 @@ def _generate(target, prompts, args, device, log) -> list[list[int]]:
             break
         chunk = [prompts[i] for i in order[first:first + args.gen_batch]]
         params = sampled if random.Random(args.seed + n).random() < args.sampled_fraction else SamplingParams()
-        responses = generate_batch(target, chunk, args.max_new_tokens, params, generator)
-        sequences += [p + r for p, r in zip(chunk, responses) if len(r) > 8]
+        if layers is None:
+            responses = generate_batch(target, chunk, args.max_new_tokens, params, generator)
+            sequences += [p + r for p, r in zip(chunk, responses) if len(r) > 8]
+        else:
+            states = generate_states(target, chunk, args.max_new_tokens, params, generator,
+                                     layers, TrainConfig.top_k)
+            sequences += [st for st, p in zip(states, chunk) if len(st) - len(p) > 8]
         log(f"generated {first + len(chunk)}/{len(prompts)} prompts, {len(sequences)} kept, "
             f"{time.time() - start:.0f}s")
     return sequences
 
 
-def _training_target(model: str | None, device: torch.device):
+def _training_target(model: str | None, device: torch.device, packed: str | None = None):
     """(frozen target, its ModelConfig, weights hash, tokenizer loader) for ``--model``: the
-    native Gemma 3 in autograd-friendly dense weights, or any other HF folder via transformers."""
+    native Gemma 3 in autograd-friendly dense weights (or, ``packed``, the engine's packed model in
+    that format, for training from recorded states), or any other HF folder via transformers."""
     if model is not None and Path(model).is_dir() and not is_native(Path(model)):
         from mtpspec.tokenizer import load_tokenizer_hf
 
@@ -110,6 +119,12 @@ def _training_target(model: str | None, device: torch.device):
         return target.to(device), target.config, digest, lambda: load_tokenizer_hf(Path(model))
     from mtpspec.runtime import load_tokenizer_for
 
+    if packed is not None:
+        from mtpspec.runtime import load_target
+
+        engine_target = load_target(model, packed)
+        return (engine_target.model, engine_target.config, engine_target.weights_hash,
+                lambda: engine_target.tokenizer)
     loaded = load_weights(model)
     target = Gemma3Model(loaded.config, loaded.tensors, "dense").to(device)
     return target, loaded.config, loaded.weights_hash, lambda: load_tokenizer_for(loaded)
@@ -149,22 +164,16 @@ def _init_vocabulary(head: MTPHead, target, sequences: list[list[int]], seed: in
                           frequent_tokens(sequences, cfg.vocab_size, cfg.frequency_vocab))
 
 
-def _generation_model(args: argparse.Namespace, target):
-    """The model that writes the training responses: the training copy of the target, or (``--gen-
-    weights``, native Gemma 3) the packed fused one the engine runs, same weights and hash."""
-    if args.gen_weights is None or not isinstance(target, Gemma3Model):
-        return target
-    from mtpspec.runtime import load_target
-
-    packed = load_target(args.model, args.gen_weights, with_tokenizer=False)
-    return packed.model
-
-
 def run(args: argparse.Namespace, log=print) -> dict:
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-    target, target_config, target_hash, tokenizer_of = _training_target(args.model, device)
+    # --gen-weights (CPU, native Gemma 3): the engine's packed target writes the responses and its
+    # states are recorded then, so training never runs the target and needs no dense copy
+    states = args.gen_weights is not None and device.type == "cpu" and not (
+        args.model is not None and Path(args.model).is_dir() and not is_native(Path(args.model)))
+    target, target_config, target_hash, tokenizer_of = _training_target(
+        args.model, device, args.gen_weights if states else None)
     head = _new_head(args, target, target_config, target_hash)  # refuses a misfit before the work
     args.out.mkdir(parents=True, exist_ok=True)
     work = args.work_dir or args.out
@@ -184,13 +193,14 @@ def run(args: argparse.Namespace, log=print) -> dict:
                                     args.num_prompts + args.eval_prompts, args.max_prompt_tokens,
                                     args.seed)
         held_out, train_prompts = prompts[:args.eval_prompts], prompts[args.eval_prompts:]
-        generator_model = _generation_model(args, target)
         evaluation = [p + r for p, r in zip(held_out, generate_batch(
-            generator_model, held_out, args.max_new_tokens, SamplingParams()))]
-        data = {"train": _generate(generator_model, train_prompts, args, device, log),
+            target, held_out, args.max_new_tokens, SamplingParams()))]
+        layers = head.cfg.target_layers if states else None
+        data = {"train": _generate(target, train_prompts, args, device, log, layers),
                 "eval": evaluation}
         torch.save(data, data_path)
-    _init_vocabulary(head, target, data["train"], args.seed)
+    _init_vocabulary(head, target, [list(seq.ids) if hasattr(seq, "ids") else seq
+                                    for seq in data["train"]], args.seed)
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
                          unroll=args.unroll, lr=args.lr, seed=args.seed, device=str(device),
                          eval_every=args.eval_every, save_every=args.eval_every,
@@ -201,8 +211,9 @@ def run(args: argparse.Namespace, log=print) -> dict:
                    extra_meta={"train_sequences": len(data["train"])})
     kinds = (("clustered", "frequency", "full") if head.cfg.lm_head_source == "target"
              else tuple(dict.fromkeys((head.cfg.head, "full"))))
-    final = {kind: evaluate(head.eval(), target, data["eval"], device=device, head_kind=kind)
-             for kind in kinds}
+    with torch.no_grad():
+        final = {kind: evaluate(head.eval(), target, data["eval"], device=device, head_kind=kind)
+                 for kind in kinds}
     (args.out / "eval.json").write_text(json.dumps(final, indent=1))
     log(json.dumps({kind: {"tau": r["tau"], "per_position": r["acceptance_per_position"]}
                     for kind, r in final.items()}))

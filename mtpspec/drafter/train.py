@@ -93,6 +93,38 @@ def target_pass(target: Gemma3Model, ids: torch.Tensor, top_k: int):
     return hidden, cache, torch.cat(probs, 1), torch.cat(tops, 1)
 
 
+class StoredCache:
+    """The K/V of recorded ``TargetStates`` laid out like a ``KVCache`` ([layer, B, kvh, T, Dh]);
+    only the layers the drafter reads are filled."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor):
+        self.k, self.v = k, v
+
+
+def stored_pass(states: list, length: int, layers: tuple[int, ...], device):
+    """``target_pass`` from recorded states: (ids, valid, hidden [B, T, d], cache, probs, tops,
+    known [B, T]: positions whose distribution was recorded)."""
+    batch, first = len(states), states[0]
+    kvh, dh = first.keys.shape[1], first.keys.shape[3]
+    k = torch.zeros(max(layers) + 1, batch, kvh, length, dh)
+    v = torch.zeros_like(k)
+    hidden = torch.zeros(batch, length, first.hidden.shape[1])
+    probs = torch.zeros(batch, length, first.probs.shape[1])
+    tops = torch.zeros(batch, length, first.tops.shape[1], dtype=torch.long)
+    known = torch.zeros(batch, length, dtype=torch.bool)
+    ids, valid = pad_batch([st.ids for st in states], length, "cpu")
+    for b, st in enumerate(states):
+        n = min(length, len(st.ids))
+        k[list(layers), b, :, :n] = st.keys[:, :, :n].float()
+        v[list(layers), b, :, :n] = st.values[:, :, :n].float()
+        hidden[b, :n] = st.hidden[:n].float()
+        probs[b, :n], tops[b, :n] = st.probs[:n].float(), st.tops[:n].long()
+        known[b, st.known_from:n] = True
+    move = (lambda t: t.to(device))
+    return (move(ids), move(valid), move(hidden), StoredCache(move(k), move(v)), move(probs),
+            move(tops), move(known))
+
+
 def unroll(head: MTPHead, target: Gemma3Model, ids, hidden, cache, steps: int):
     """Run the head ``steps`` times for every P in 1..T-1; yields (i, the state its LM head scores
     [B, T-1, d]: h', or for a head with its own LM head the normed draft state [B, T-1, d_draft]);
@@ -213,6 +245,7 @@ def train(head: MTPHead, target: Gemma3Model, sequences: list[list[int]], config
     weights = torch.tensor([config.decay ** i for i in range(config.unroll)])
     started, running, running_acc = time.time(), None, None
     own_head = head.cfg.lm_head_source == "draft"  # an LM head of its own, trained with it
+    stored = bool(sequences) and not isinstance(sequences[0], list)  # TargetStates
     frozen = None if own_head else target.embed.dequantized()  # [V, d] the frozen tied head
     if config.autocast_bf16 and frozen is not None:
         frozen = frozen.to(torch.bfloat16)
@@ -225,8 +258,14 @@ def train(head: MTPHead, target: Gemma3Model, sequences: list[list[int]], config
             break
         batch = [sequences[perm[(cursor + j) % len(perm)]] for j in range(config.batch_size)]
         cursor = (cursor + config.batch_size) % len(perm)
-        ids, valid = pad_batch(batch, min(config.seq_len, max(len(s) for s in batch)), device)
-        hidden, cache, probs, tops = target_pass(target, ids, config.top_k)
+        length = min(config.seq_len, max(len(s) for s in batch))
+        if stored:  # the target's states were kept when it wrote the responses
+            ids, valid, hidden, cache, probs, tops, known = stored_pass(
+                batch, length, head.cfg.target_layers, device)
+        else:
+            ids, valid = pad_batch(batch, length, device)
+            hidden, cache, probs, tops = target_pass(target, ids, config.top_k)
+            known = valid
         progress = step / max(1, config.steps)
         if config.max_seconds:
             progress = max(progress, (time.time() - started) / config.max_seconds)
@@ -245,7 +284,7 @@ def train(head: MTPHead, target: Gemma3Model, sequences: list[list[int]], config
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.autocast_bf16):
             for i, state in unroll(head, target, ids, hidden, cache, config.unroll):
                 where = torch.arange(1, ids.shape[1], device=device) + i  # target position P+i
-                ok = valid[:, 1:] & (where < ids.shape[1]) & valid.gather(
+                ok = valid[:, 1:] & (where < ids.shape[1]) & known.gather(
                     1, where.clamp(max=ids.shape[1] - 1).expand(ids.shape[0], -1))
                 w = ok.float() * float(weights[i])
                 at = where.clamp(max=ids.shape[1] - 1)
