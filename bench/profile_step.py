@@ -10,6 +10,9 @@ forward, mtpspec.fused) and ``python`` (the reference layers). Same process, sam
 paths alternate within each of ``--rounds`` rounds and each cell reports its best round's median,
 so that another process that runs for a while on this 2-vCPU box inflates neither path alone.
 
+With ``--screen`` (int8): the greedy tokens of M real final states by the full head + argmax and by
+the argmax screen (``mtpspec.screen``), which verification uses.
+
 Then, per format (fused path, the most threads), a breakdown of one plain decode step: body, LM
 head, the rest of the forward (embedding, final norm), and engine/Python overhead, each against
 its floor: weight bytes read / ``--bandwidth`` (19.5 GB/s, ../shared/MEASURED.md).
@@ -66,6 +69,11 @@ def measure(model, cache, proposers, path, hidden, args) -> dict[str, float]:
         row[f"body_m{m}"] = median_ms(lambda: model(ids, pos, cache, num_logits=0), args.reps)
         x = torch.randn(m, model.config.hidden_size)
         row[f"head_m{m}"] = median_ms(lambda: model.lm_head(x), args.reps)
+        screen = getattr(model, "_screen", None)
+        if screen is not None and path == "fused":  # greedy tokens: full head + argmax vs screen
+            states = model(ids, pos, cache, num_logits=0)[1][0]  # [m, d] real final states
+            row[f"argmax_m{m}"] = median_ms(lambda: model.lm_head(states).argmax(-1), args.reps)
+            row[f"screen_m{m}"] = median_ms(lambda: screen(states), args.reps)
     for kind in filter(None, args.kinds.split(",")):
         proposer = proposers[kind, path]
         state = DraftState(tokens=[[5] * ctx], hidden=hidden, positions=torch.tensor([ctx]),
@@ -127,6 +135,9 @@ def main() -> None:
     parser.add_argument("--no-engine", dest="engine", action="store_false",
                         help="skip the engine's plain-decoding step")
     parser.add_argument("--bandwidth", type=float, default=19.5, help="GB/s, for the floor")
+    parser.add_argument("--screen", action="store_true",
+                        help="int8: also time greedy tokens by full head + argmax (argmax_m*) and "
+                             "by the argmax screen (screen_m*) on real final states")
     args = parser.parse_args()
     if "1" not in args.ms.split(","):
         parser.error("--ms must include 1 (the plain decode step)")
@@ -141,6 +152,8 @@ def main() -> None:
             head = load_drafter(shipped_drafter_for(target.weights_hash), config,
                                 target.weights_hash)
         cache = model.new_cache(1, args.ctx + 64)
+        if args.screen:
+            model.enable_argmax_screen()  # int8 only: the argmax screen (mtpspec.screen)
         ctx = args.ctx
         model(torch.randint(0, 1000, (1, ctx)), torch.arange(ctx)[None], cache, num_logits=0)
         hidden = torch.randn(1, config.hidden_size)

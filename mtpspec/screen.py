@@ -21,7 +21,9 @@ Why: a verification pass over k+1 tokens is arithmetic-bound on 2 cores, and the
 float path needs ~6, so the head of a 4-8 row pass costs about one read of its weights again.
 Greedy output stays bit-identical to plain decoding (tests/test_screen.py).
 
-Costs: a second copy of the head (V x K bytes, 168 MB for Gemma 3) plus one float per token.
+Costs: a second copy of the head (V x K bytes, 168 MB for Gemma 3) plus two floats per token. A
+clustered MTP drafter on the same target reads this copy for its own LM head (built in its cluster
+order, ``ordering``), so speculative decoding holds one extra copy, not two.
 Must not: be used where probabilities are needed (sampling needs every logit), or for non-int8
 heads; rows with non-finite values go to the full product.
 """
