@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from mtpspec.cli import main
+from mtpspec.cli import DEFAULT_DRAFT_K, main
 
 from tiny_hf import write_tiny_hf_model
 
@@ -150,7 +150,7 @@ def test_mtp_with_a_drafter(models, tmp_path, capsys):
     status, plain_out, _ = run_cli(["generate", *base, "--spec", "none", "abc abc"], capsys)
     assert status == 0
     status, out, err = run_cli(["generate", *base, "--drafter", str(folder), "abc abc"], capsys)
-    assert status == 0 and "[mtp k=6]" in err and "note" not in err  # --drafter selects mtp
+    assert status == 0 and f"[mtp k={DEFAULT_DRAFT_K}]" in err and "note" not in err  # --drafter selects mtp
     assert out == plain_out
     status, out, err = run_cli(["bench", *base, "--drafter", str(folder), "--methods", "plain,mtp",
                                 "--limit", "2", "--draft-k", "2"], capsys)
