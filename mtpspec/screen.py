@@ -36,7 +36,7 @@ from mtpspec import ops
 from mtpspec.ops import PackedLinear
 
 GROUP = 32          # inputs per activation scale
-ACT_LEVELS = 63     # activations rounded to [-63, 63]: maddubs pairs stay below 2^15
+MAX_ROWS = 64       # rows per C++ call (its per-chunk bounds live on the stack)
 
 CPP = r"""
 // ---- argmax screen (mtpspec/screen.py): integer estimates of every logit, then exact candidates
@@ -303,8 +303,12 @@ class ArgmaxScreen:
         if ext is None or not bool(torch.isfinite(x).all()):
             return self.embed(x).argmax(-1).reshape(lead)
         e = self.embed
-        tokens, counts = ext.screen_argmax(x, e.packed, e.scales, e.out_features, self.u,
-                                           self.scale, self.beta, self.order,
-                                           ops.get_num_threads(), ops._CHUNK_BYTES)
-        self.last_candidates = counts
-        return tokens.reshape(lead)
+        tokens, counts = [], []
+        for begin in range(0, x.shape[0], MAX_ROWS):  # the C++ call takes up to MAX_ROWS rows
+            t, c = ext.screen_argmax(x[begin:begin + MAX_ROWS], e.packed, e.scales,
+                                     e.out_features, self.u, self.scale, self.beta, self.order,
+                                     ops.get_num_threads(), ops._CHUNK_BYTES)
+            tokens.append(t)
+            counts.append(c)
+        self.last_candidates = torch.cat(counts)
+        return torch.cat(tokens).reshape(lead)

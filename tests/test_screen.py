@@ -33,7 +33,7 @@ def threads(request):
 def test_screen_equals_full_argmax(vocab, k, threads):
     head = _head(vocab, k)
     screen = ArgmaxScreen(head)
-    for rows in (1, 2, 3, 4, 5, 7, 8, 9, 16):
+    for rows in (1, 2, 3, 4, 5, 7, 8, 9, 16, 70):  # 70: more than one C++ call
         h = _hidden(rows, k, seed=rows)
         assert torch.equal(screen(h), head(h).argmax(-1)), (vocab, k, rows)
 
