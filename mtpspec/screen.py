@@ -163,45 +163,33 @@ static void panel_estimates(const uint8_t* u, const float* scale, const float* b
              beta + p * 16 + half * 8, radius, out + half * 8, 0, &lo);
 }
 
-struct Rescore {
-  const Job* job; const float* x; const float* T; const int64_t* ord; PackedRef ref;
-  int64_t K, N; int64_t* tokens; int64_t* counts;
+// candidates: tokens whose upper bound reaches their row's largest lower bound, found over
+// equal slices of (row, tokens) so that the pool's threads share the scan evenly
+struct Scan {
+  const Job* job; const float* T; const int64_t* ord; int64_t N, slices;
+  std::vector<int64_t>* found;  // [M * slices] token ids
 };
 
-// one row: candidates (upper bound >= the row's largest lower bound), recomputed exactly by the
-// full product's own micro-kernel; the best of them (first token id on ties) is the argmax
-static void rescore_row(const void* ctx, int64_t r) {
-  const Rescore& c = *static_cast<const Rescore*>(ctx);
+static void scan_slice(const void* ctx, int64_t task) {
+  const Scan& c = *static_cast<const Scan*>(ctx);
   const Job& j = *c.job;
+  const int64_t r = task / c.slices, slice = task % c.slices;
+  const int64_t per = (j.ntok / 8 + c.slices - 1) / c.slices * 8;
+  const int64_t t1 = std::min(j.ntok, (slice + 1) * per);
   const float* v = j.approx + r * j.ntok;
   const __m256 R = _mm256_set1_ps(j.radius[r]), T = _mm256_set1_ps(c.T[r]);
-  std::vector<int64_t> panels;
-  int64_t count = 0;
-  for (int64_t t0 = 0; t0 < j.ntok; t0 += 8) {
+  std::vector<int64_t>& out = c.found[task];
+  out.clear();
+  for (int64_t t0 = slice * per; t0 < t1; t0 += 8) {
     const __m256 hi = _mm256_fmadd_ps(_mm256_loadu_ps(j.beta + t0), R, _mm256_loadu_ps(v + t0));
     int mask = _mm256_movemask_ps(_mm256_cmp_ps(hi, T, _CMP_GE_OQ));
     while (mask) {
       const int64_t t = t0 + __builtin_ctz(mask);
       mask &= mask - 1;
       const int64_t id = c.ord ? c.ord[t] : t;
-      if (id < 0 || id >= c.N) continue;  // a padding row
-      panels.push_back(id / 16);
-      ++count;
+      if (id >= 0 && id < c.N) out.push_back(id);  // else a padding row
     }
   }
-  std::sort(panels.begin(), panels.end());
-  panels.erase(std::unique(panels.begin(), panels.end()), panels.end());
-  ::Job exact{c.x + r * c.K, 1, c.K, c.N, c.ref.w, c.ref.s, 0, nullptr, I8, 1, (c.N + 15) / 16};
-  alignas(32) float out[64];
-  float best = -std::numeric_limits<float>::infinity();
-  int64_t arg = -1;
-  for (int64_t p : panels) {  // ascending token ids: the first maximum wins ties
-    ::micro<I8, 1, 1>(exact, p, 0, out);
-    for (int64_t lane = 0; lane < 16 && p * 16 + lane < c.N; ++lane)
-      if (out[lane] > best || arg < 0) { best = out[lane]; arg = p * 16 + lane; }
-  }
-  c.tokens[r] = arg;
-  c.counts[r] = count;
 }
 
 // rows x [M, K] -> (argmax token [M], candidates per row [M]); see mtpspec/screen.py
@@ -240,11 +228,36 @@ std::vector<torch::Tensor> screen_argmax(torch::Tensor x, torch::Tensor w, torch
   std::vector<float> T(M, -std::numeric_limits<float>::infinity());
   for (int64_t c = 0; c < nchunks; ++c)
     for (int64_t r = 0; r < M; ++r) T[r] = std::max(T[r], lo_max[c * M + r]);
+  const int64_t slices = 16;
+  std::vector<std::vector<int64_t>> found(M * slices);
+  Scan scan{&j, T.data(), ordered ? order.data_ptr<int64_t>() : nullptr, N, slices, found.data()};
+  pool::run(scan_slice, &scan, M * slices, threads);
+  // exact logits of the candidates' panels, by the full product's own micro-kernel; the best of
+  // them (first token id on ties) is the argmax: every other token is strictly below it
   auto tokens = torch::empty({M}, torch::kLong);
   auto counts = torch::empty({M}, torch::kLong);
-  Rescore rs{&j, xp, T.data(), ordered ? order.data_ptr<int64_t>() : nullptr,
-             packed_ref(w, s, I8, N, K, 0), K, N, tokens.data_ptr<int64_t>(), counts.data_ptr<int64_t>()};
-  pool::run(rescore_row, &rs, M, threads);
+  int64_t* tp = tokens.data_ptr<int64_t>();
+  int64_t* cp = counts.data_ptr<int64_t>();
+  const PackedRef ref = packed_ref(w, s, I8, N, K, 0);
+  alignas(32) float out[64];
+  std::vector<int64_t> panels;
+  for (int64_t r = 0; r < M; ++r) {
+    panels.clear();
+    for (int64_t slice = 0; slice < slices; ++slice)
+      for (int64_t id : found[r * slices + slice]) panels.push_back(id / 16);
+    cp[r] = (int64_t)panels.size();
+    std::sort(panels.begin(), panels.end());
+    panels.erase(std::unique(panels.begin(), panels.end()), panels.end());
+    ::Job exact{xp + r * K, 1, K, N, ref.w, ref.s, 0, nullptr, I8, 1, (N + 15) / 16};
+    float best = -std::numeric_limits<float>::infinity();
+    int64_t arg = -1;
+    for (int64_t p : panels) {  // ascending token ids
+      ::micro<I8, 1, 1>(exact, p, 0, out);
+      for (int64_t lane = 0; lane < 16 && p * 16 + lane < N; ++lane)
+        if (out[lane] > best || arg < 0) { best = out[lane]; arg = p * 16 + lane; }
+    }
+    tp[r] = arg;
+  }
   return {tokens, counts};
 }
 
