@@ -268,7 +268,7 @@ class BatchSession:
             logits, target = None, self.model.greedy_tokens(hidden)  # [n, w+1]
         else:
             logits, hidden = self.model(ids, block, self.cache, num_logits=None)  # [n, w+1, V|d]
-            target = logits.argmax(dim=-1)  # [n, w+1]
+            target = None  # greedy rows among sampled ones take the argmax of their logits
         emitted, accepted = self._verify(logits, target, tokens, probs, counts)
         self.steps += 1
         self.row_steps += len(live)
@@ -314,18 +314,20 @@ class BatchSession:
             cache=self.cache, params=params, generator=generator)
         return self.proposer.propose(state, k), shared
 
-    def _verify(self, logits: torch.Tensor | None, target: torch.Tensor, tokens: torch.Tensor,
-                probs: torch.Tensor | None, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per group of rows: greedy or rejection verification. logits [n, w+1, V] (None when
-        every row is greedy), target [n, w+1] the argmax tokens, tokens [n, w], probs [n, w, V] or
-        None, counts [n] -> (emitted [n, w+1], accepted [n])."""
+    def _verify(self, logits: torch.Tensor | None, target: torch.Tensor | None,
+                tokens: torch.Tensor, probs: torch.Tensor | None,
+                counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per group of rows: greedy or rejection verification. Either logits [n, w+1, V] or (every
+        row greedy) target [n, w+1], the argmax tokens; tokens [n, w], probs [n, w, V] or None,
+        counts [n] -> (emitted [n, w+1], accepted [n])."""
         batch, width = tokens.shape
         emitted = torch.full((batch, width + 1), -1, dtype=torch.long)
         accepted = torch.zeros(batch, dtype=torch.long)
         for group, rows in _groups(self.live).items():
             index = torch.tensor(rows) if len(rows) < batch else slice(None)
             if group == "greedy":
-                result = greedy_verify_argmax(target[index], tokens[index], counts[index])
+                best = target[index] if target is not None else logits[index].argmax(dim=-1)
+                result = greedy_verify_argmax(best, tokens[index], counts[index])
             else:
                 seq = self.live[rows[0]]
                 p = logits_to_probs(logits[index], seq.options.sampling)  # [g, w+1, V]

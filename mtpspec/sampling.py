@@ -85,21 +85,21 @@ def _top_p_mask(probs: Tensor, top_p: float, head: int = 1024) -> Tensor:
     """
     flat = probs.reshape(-1, probs.shape[-1])  # [B, V]
     keep = torch.zeros_like(flat, dtype=torch.bool)  # [B, V]
-    head = min(head, flat.shape[-1])
-    top_probs, top_idx = torch.topk(flat, head, dim=-1)  # [B, head], descending
-    mass_before = torch.cumsum(top_probs, dim=-1) - top_probs  # exclusive cumsum
-    decided = mass_before[:, -1] + top_probs[:, -1] >= top_p  # [B] the nucleus lies in the head
-    if bool(decided.any()):
-        inside = mass_before[decided] < top_p
+
+    def nucleus(rows: Tensor, sorted_probs: Tensor, sorted_idx: Tensor) -> None:
+        """keep[rows] from those rows' likeliest tokens in descending order [b, n]."""
+        inside = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < top_p  # mass before < top_p
         inside[:, 0] = True
-        keep[decided] = keep[decided].scatter_(-1, top_idx[decided], inside)
+        keep[rows] = keep[rows].scatter_(-1, sorted_idx, inside)
+
+    top_probs, top_idx = torch.topk(flat, min(head, flat.shape[-1]), dim=-1)  # [B, head]
+    before_last = torch.cumsum(top_probs, dim=-1)[:, -1] - top_probs[:, -1]  # [B] as nucleus() sums
+    decided = before_last + top_probs[:, -1] >= top_p  # [B] the nucleus lies in the head
+    if bool(decided.any()):
+        nucleus(decided, top_probs[decided], top_idx[decided])
     rest = ~decided
     if bool(rest.any()):
-        sorted_probs, sorted_idx = torch.sort(flat[rest], dim=-1, descending=True)  # [b, V]
-        before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
-        inside = before < top_p
-        inside[:, 0] = True
-        keep[rest] = keep[rest].scatter_(-1, sorted_idx, inside)
+        nucleus(rest, *torch.sort(flat[rest], dim=-1, descending=True))
     return keep.view(probs.shape)
 
 

@@ -181,8 +181,7 @@ def _generate(model, prompts, max_new_tokens, params, generator, keep=None):
     layers, top_k = keep
     states = []
     for b, (prompt, response) in enumerate(zip(prompts, responses)):
-        n, total = len(prompt), len(prompt) + len(response)
-        fed = min(len(response), len(steps))  # response tokens the target ran on
+        n, fed = len(prompt), min(len(response), len(steps))  # fed: tokens the target ran on
         total = n + fed
         probs = torch.zeros(total, top_k, dtype=torch.float16)
         tops = torch.zeros(total, top_k, dtype=torch.int32)

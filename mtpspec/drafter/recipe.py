@@ -108,11 +108,16 @@ def _generate(target, prompts, args, device, log, layers=None) -> list:
     return sequences
 
 
+def _is_hf_folder(model: str | None) -> bool:
+    """Whether ``--model`` is a Hugging Face folder that the native Gemma 3 does not load."""
+    return model is not None and Path(model).is_dir() and not is_native(Path(model))
+
+
 def _training_target(model: str | None, device: torch.device, packed: str | None = None):
     """(frozen target, its ModelConfig, weights hash, tokenizer loader) for ``--model``: the
     native Gemma 3 in autograd-friendly dense weights (or, ``packed``, the engine's packed model in
     that format, for training from recorded states), or any other HF folder via transformers."""
-    if model is not None and Path(model).is_dir() and not is_native(Path(model)):
+    if _is_hf_folder(model):
         from mtpspec.tokenizer import load_tokenizer_hf
 
         target, digest = load_hf_model(Path(model), "fp32")
@@ -170,8 +175,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = True
     # --gen-weights (CPU, native Gemma 3): the engine's packed target writes the responses and its
     # states are recorded then, so training never runs the target and needs no dense copy
-    states = args.gen_weights is not None and device.type == "cpu" and not (
-        args.model is not None and Path(args.model).is_dir() and not is_native(Path(args.model)))
+    states = args.gen_weights is not None and device.type == "cpu" and not _is_hf_folder(args.model)
     target, target_config, target_hash, tokenizer_of = _training_target(
         args.model, device, args.gen_weights if states else None)
     head = _new_head(args, target, target_config, target_hash)  # refuses a misfit before the work

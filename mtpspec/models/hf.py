@@ -279,7 +279,6 @@ class HFModel(nn.Module):
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
 
-
     def enable_argmax_screen(self, ordering: torch.Tensor | None = None) -> None:
         return None  # the screen needs a packed int8 head (mtpspec.screen)
 
