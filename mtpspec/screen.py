@@ -10,9 +10,8 @@ first index on ties (torch.argmax's rule) - without computing all V logits in fl
    scale and the norm of its int8 row) and ``R_r = ||e_r||_2 * 1.001 + 1e-4 * ||h_r||_2`` (``e_r``
    the activation rounding error; the second term covers float32 rounding of both sums: K * 2^-24
    is 4e-5 for K = 640, Cauchy-Schwarz for the rest);
-2. every token whose upper bound reaches the largest lower bound is a candidate (a handful; see
-   ``last_candidates``: a median of 2 per row, 90th percentile 22, of 262,144 tokens while the
-   default settings decode MT-bench prompts);
+2. every token whose upper bound reaches the largest lower bound is a candidate (a handful: see
+   ``last_candidates``);
 3. candidates' logits are recomputed by the very micro-kernel of the full product (one accumulator
    per output in k order, the same for any row count or panel), so they are the full product's
    bits; the best of them is the argmax, since every other token is strictly below it.
