@@ -1,16 +1,75 @@
-"""Model configuration for native targets.
+"""Model configuration for native targets: one declarative description of a decoder architecture.
 
-One frozen dataclass describes a Gemma 3 style decoder. It is filled from a GGUF file's metadata
-or from a Hugging Face ``config.json`` (see ``loading``), and never holds weights.
+One frozen dataclass describes a pre-norm decoder-only transformer of the families the native engine
+runs (Gemma 2/3/4 text, Llama, Mistral, Qwen2/2.5, Qwen3). The architecture fields below say how
+the family differs; the defaults are Gemma 3's. It is filled from a GGUF file's metadata or from a
+Hugging Face ``config.json`` (see ``loading``), and never holds weights.
+
+Architecture fields (what a family changes):
+- ``norm_offset``: RMSNorm scale is ``norm_offset + w`` (Gemma: 1.0; Llama/Qwen/Mistral: 0.0).
+- ``sandwich_norms``: extra norms after the attention and MLP blocks (Gemma 2/3/4) besides the
+  pre-norms every family has.
+- ``qkv_bias`` (Qwen2), ``qk_norm`` (per-head RMSNorm of q and k: Gemma 3/4, Qwen3).
+- ``mlp_activation``: ``"gelu_tanh"`` (GeGLU: Gemma) or ``"silu"`` (SwiGLU: Llama, Qwen, Mistral).
+- ``attn_logit_softcap`` / ``final_logit_softcap``: ``cap * tanh(x / cap)`` on attention scores /
+  output logits (Gemma 2); 0 = none.
+- ``scale_embeddings``: the embedding is multiplied by sqrt(hidden_size) (Gemma).
+- ``tie_word_embeddings``: the LM head is the embedding (else a separate ``lm_head`` weight).
+- RoPE: ``rope_theta_global`` / ``rope_theta_local`` per layer type; ``rope_scaling`` (linear or
+  llama3) applies to global layers (all layers of a family without sliding layers are global).
+- Attention layout: ``layer_types`` (explicit) or ``sliding_window_pattern`` (every n-th layer is
+  global; 1 = every layer global); ``sliding_window`` for the sliding layers; the query scale is
+  ``query_pre_attn_scalar ** -0.5``.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+FAMILIES = ("gemma2", "gemma3", "llama", "mistral", "qwen2", "qwen3")
+MLP_ACTIVATIONS = ("gelu_tanh", "silu")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Rotary frequency scaling of the global layers.
+
+    ``kind``: ``"linear"`` (positions divided by ``factor``) or ``"llama3"`` (Llama 3.1's
+    wavelength-dependent rescaling of the inverse frequencies).
+    """
+
+    kind: str = "linear"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def inv_freq(self, theta: float, dim: int) -> list[float]:
+        """Inverse frequencies of the ``dim // 2`` rotary pairs after scaling."""
+        base = [1.0 / (theta ** (2 * i / dim)) for i in range(dim // 2)]
+        if self.kind == "linear":
+            return [f / self.factor for f in base]
+        if self.kind != "llama3":
+            raise ValueError(f"unknown rope scaling kind {self.kind!r}")
+        low_wavelen = self.original_max_position_embeddings / self.low_freq_factor
+        high_wavelen = self.original_max_position_embeddings / self.high_freq_factor
+        out = []
+        for f in base:
+            wavelen = 2 * math.pi / f
+            if wavelen < high_wavelen:
+                out.append(f)
+            elif wavelen > low_wavelen:
+                out.append(f / self.factor)
+            else:
+                smooth = ((self.original_max_position_embeddings / wavelen - self.low_freq_factor)
+                          / (self.high_freq_factor - self.low_freq_factor))
+                out.append((1 - smooth) * f / self.factor + smooth * f)
+        return out
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Shape and hyper-parameters of a Gemma 3 text decoder."""
+    """Shape, hyper-parameters and architecture of a decoder (defaults: Gemma 3 270M)."""
 
     vocab_size: int = 262_144
     hidden_size: int = 640
@@ -33,6 +92,31 @@ class ModelConfig:
     name: str = "gemma3"
     # explicit per-layer types override the pattern when given ("sliding" or "global")
     layer_types: tuple[str, ...] = field(default=())
+    # architecture (see the module docstring); the defaults are Gemma 3's
+    family: str = "gemma3"
+    norm_offset: float = 1.0
+    sandwich_norms: bool = True
+    qkv_bias: bool = False
+    qk_norm: bool = True
+    mlp_activation: str = "gelu_tanh"
+    attn_logit_softcap: float = 0.0
+    final_logit_softcap: float = 0.0
+    scale_embeddings: bool = True
+    tie_word_embeddings: bool = True
+    rope_scaling: RopeScaling | None = None  # None: rope_scaling_factor as linear scaling
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"unknown family {self.family!r} (known: {', '.join(FAMILIES)})")
+        if self.mlp_activation not in MLP_ACTIVATIONS:
+            raise ValueError(f"unknown mlp_activation {self.mlp_activation!r}")
+        if self.layer_types and len(self.layer_types) != self.num_layers:
+            raise ValueError("layer_types must name every layer")
+
+    @property
+    def global_rope_scaling(self) -> RopeScaling:
+        """The scaling of global layers' rotary frequencies (``rope_scaling`` or the linear factor)."""
+        return self.rope_scaling or RopeScaling("linear", self.rope_scaling_factor)
 
     def is_global(self, layer: int) -> bool:
         """Whether layer ``layer`` (0-based) uses full (global) attention."""
