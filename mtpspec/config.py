@@ -15,8 +15,9 @@ Architecture fields (what a family changes):
   output logits (Gemma 2); 0 = none.
 - ``scale_embeddings``: the embedding is multiplied by sqrt(hidden_size) (Gemma).
 - ``tie_word_embeddings``: the LM head is the embedding (else a separate ``lm_head`` weight).
-- RoPE: ``rope_theta_global`` / ``rope_theta_local`` per layer type; ``rope_scaling`` (linear or
-  llama3) applies to global layers (all layers of a family without sliding layers are global).
+- RoPE: ``rope_theta_global`` / ``rope_theta_local`` per layer type; ``rope_scaling`` (linear,
+  llama3 or a table of divisors) applies to global layers, and to sliding layers too when
+  ``rope_scaling_local`` (every family but Gemma 3).
 - Attention layout: ``layer_types`` (explicit) or ``sliding_window_pattern`` (every n-th layer is
   global; 1 = every layer global); ``sliding_window`` for the sliding layers; the query scale is
   ``query_pre_attn_scalar ** -0.5``.
@@ -34,8 +35,9 @@ MLP_ACTIVATIONS = ("gelu_tanh", "silu")
 class RopeScaling:
     """Rotary frequency scaling of the global layers.
 
-    ``kind``: ``"linear"`` (positions divided by ``factor``) or ``"llama3"`` (Llama 3.1's
-    wavelength-dependent rescaling of the inverse frequencies).
+    ``kind``: ``"linear"`` (positions divided by ``factor``), ``"llama3"`` (Llama 3.1's
+    wavelength-dependent rescaling of the inverse frequencies), or ``"table"`` (each inverse
+    frequency divided by its entry of ``divisors``: how llama.cpp's GGUF stores Llama 3.1's).
     """
 
     kind: str = "linear"
@@ -43,12 +45,17 @@ class RopeScaling:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    divisors: tuple[float, ...] = ()
 
     def inv_freq(self, theta: float, dim: int) -> list[float]:
         """Inverse frequencies of the ``dim // 2`` rotary pairs after scaling."""
         base = [1.0 / (theta ** (2 * i / dim)) for i in range(dim // 2)]
         if self.kind == "linear":
             return [f / self.factor for f in base]
+        if self.kind == "table":
+            if len(self.divisors) != len(base):
+                raise ValueError(f"rope table has {len(self.divisors)} entries for {len(base)} pairs")
+            return [f / d for f, d in zip(base, self.divisors)]
         if self.kind != "llama3":
             raise ValueError(f"unknown rope scaling kind {self.kind!r}")
         low_wavelen = self.original_max_position_embeddings / self.low_freq_factor
@@ -104,6 +111,7 @@ class ModelConfig:
     scale_embeddings: bool = True
     tie_word_embeddings: bool = True
     rope_scaling: RopeScaling | None = None  # None: rope_scaling_factor as linear scaling
+    rope_scaling_local: bool = False  # the scaling applies to sliding layers too (not Gemma 3)
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -117,6 +125,13 @@ class ModelConfig:
     def global_rope_scaling(self) -> RopeScaling:
         """The scaling of global layers' rotary frequencies (``rope_scaling`` or the linear factor)."""
         return self.rope_scaling or RopeScaling("linear", self.rope_scaling_factor)
+
+    def rope_inv_freq(self, is_global: bool) -> list[float]:
+        """Inverse rotary frequencies ``[head_dim / 2]`` of a global or sliding layer."""
+        theta = self.rope_theta_global if is_global else self.rope_theta_local
+        if is_global or self.rope_scaling_local:
+            return self.global_rope_scaling.inv_freq(theta, self.head_dim)
+        return RopeScaling("linear", 1.0).inv_freq(theta, self.head_dim)
 
     def is_global(self, layer: int) -> bool:
         """Whether layer ``layer`` (0-based) uses full (global) attention."""

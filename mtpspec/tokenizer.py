@@ -2,10 +2,11 @@
 
 Two sources are supported:
 
-* a GGUF file (the default model). Its tokenizer is SentencePiece-style metadata: a token list,
-  scores and token types, with no merges. We rebuild the equivalent Hugging Face ``tokenizers`` BPE
-  model from it (the same model transformers' GGUF converter builds, token for token), and cache it
-  as ``tokenizer.json`` plus a small ``tokenizer_meta.json`` so later loads skip the rebuild;
+* a GGUF file. SentencePiece-style metadata (Gemma, Llama 2, Mistral: a token list, scores and
+  token types, no merges) or GPT-2-style byte-level BPE (Llama 3, Qwen, SmolLM: tokens, merges
+  and a named pre-tokenizer). We rebuild the equivalent Hugging Face ``tokenizers`` model from it
+  and cache it as ``tokenizer.json`` plus a small ``tokenizer_meta.json`` so later loads skip the
+  rebuild;
 * a Hugging Face folder (``tokenizer.json`` + ``tokenizer_config.json`` and friends).
 
 ``StreamDecoder`` turns ids into text one at a time without ever emitting half of a UTF-8 character
@@ -15,9 +16,7 @@ transformers does. This module must not import transformers or torch: it is on t
 from __future__ import annotations
 
 import json
-import mmap
 import os
-import struct
 from dataclasses import dataclass
 from datetime import datetime
 from functools import cached_property, lru_cache
@@ -28,11 +27,13 @@ import jinja2.ext
 import jinja2.sandbox
 from tokenizers import Tokenizer as BackendTokenizer
 
-CACHE_FORMAT = 1  # bump when the cached tokenizer.json would change for the same GGUF
+from mtpspec.gguf_file import read_gguf_metadata
+
+CACHE_FORMAT = 2  # bump when the cached tokenizer.json would change for the same GGUF
 TOKENIZER_FILE = "tokenizer.json"
 META_FILE = "tokenizer_meta.json"
 # Control tokens that end a chat turn; generation stops on them as well as on the eos token.
-END_OF_TURN_TOKENS = ("<end_of_turn>", "<|eot_id|>", "<|im_end|>", "<|end|>")
+END_OF_TURN_TOKENS = ("<end_of_turn>", "<|eot_id|>", "<|im_end|>", "<|end|>", "<|endoftext|>")
 GEMMA_SPM_ARCHITECTURES = ("gemma", "gemma2", "gemma3", "gemma3n")
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
 
@@ -174,59 +175,9 @@ def _compile_template(source: str) -> jinja2.Template:
 
 # --- GGUF ---------------------------------------------------------------------------------------
 
-_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_STRING, _ARRAY = 8, 9
-
-
-def read_gguf_metadata(path: str | os.PathLike) -> dict[str, object]:
-    """All key/value metadata of a GGUF file (arrays as lists), without the tensor table.
-
-    ``gguf.GGUFReader`` parses every field into numpy views and takes many seconds on a
-    262k-token vocabulary; walking the header with ``struct`` takes a fraction of a second.
-    """
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        if buf[:4] != b"GGUF":
-            raise ValueError(f"{path} is not a GGUF file (bad magic bytes)")
-        version, _tensor_count, kv_count = struct.unpack_from("<IQQ", buf, 4)
-        if version not in (2, 3):
-            raise ValueError(f"{path} is GGUF version {version}; only versions 2 and 3 are supported")
-        pos, metadata = 24, {}
-        for _ in range(kv_count):
-            key, pos = _read_string(buf, pos)
-            (value_type,) = struct.unpack_from("<I", buf, pos)
-            metadata[key], pos = _read_value(buf, pos + 4, value_type)
-    return metadata
-
-
-def _read_string(buf: mmap.mmap, pos: int) -> tuple[str, int]:
-    (length,) = struct.unpack_from("<Q", buf, pos)
-    pos += 8
-    return buf[pos : pos + length].decode("utf-8"), pos + length
-
-
-def _read_value(buf: mmap.mmap, pos: int, value_type: int) -> tuple[object, int]:
-    if value_type in _SCALAR:
-        fmt = _SCALAR[value_type]
-        return struct.unpack_from(fmt, buf, pos)[0], pos + struct.calcsize(fmt)
-    if value_type == _STRING:
-        return _read_string(buf, pos)
-    if value_type != _ARRAY:
-        raise ValueError(f"unknown GGUF value type {value_type}")
-    item_type, count = struct.unpack_from("<IQ", buf, pos)
-    pos += 12
-    if item_type in _SCALAR:
-        fmt = _SCALAR[item_type]
-        values = list(struct.unpack_from(f"<{count}{fmt[1]}", buf, pos))
-        return values, pos + count * struct.calcsize(fmt)
-    values = []
-    for _ in range(count):
-        value, pos = _read_value(buf, pos, item_type)
-        values.append(value)
-    return values, pos
-
-
-def _gemma_merges(tokens: list[str], vocab: dict[str, int]) -> list[str] | list[list[str]]:
-    """BPE merges implied by a SentencePiece vocabulary whose file order is its merge order.
+def _spm_merges(tokens: list[str], vocab: dict[str, int]) -> list[str] | list[list[str]]:
+    """BPE merges implied by a SentencePiece vocabulary, ``tokens`` in merge order (Gemma: file
+    order; others: by score, highest first).
 
     Every split ``left + right`` of a token with both halves in the vocabulary is a merge. Merges
     rank by the token's position, then by longer ``left`` first: the order transformers' converter
@@ -252,9 +203,11 @@ def _added_token(token_id: int, content: str, special: bool) -> dict:
 
 
 def build_gemma_tokenizer_json(metadata: dict[str, object]) -> dict:
-    """The ``tokenizer.json`` document for a Gemma-family SentencePiece GGUF.
+    """The ``tokenizer.json`` document for a SentencePiece GGUF (Gemma's, Llama 2's, Mistral's).
 
-    BPE with byte fallback over the file's tokens; spaces become "▁" before the model sees them.
+    BPE with byte fallback over the file's tokens; spaces become "▁" before the model sees them
+    (and one "▁" is prepended when ``tokenizer.ggml.add_space_prefix``, as Llama 2's does; Gemma's
+    does not). Merge order: Gemma's file order is its merge order; other files rank by score.
     Tokens made only of whitespace that contain a space are stored with real spaces in the file
     but looked up as "▁" runs, so they are respelled. Control tokens are special added tokens;
     user-defined ones (``\\n\\n``, ``<start_of_image>``) are plain added tokens matched whole.
@@ -272,6 +225,19 @@ def build_gemma_tokenizer_json(metadata: dict[str, object]) -> dict:
     ]
     unk_id = metadata.get("tokenizer.ggml.unknown_token_id")
     bos_id = metadata.get("tokenizer.ggml.bos_token_id")
+    gemma = metadata.get("general.architecture") in GEMMA_SPM_ARCHITECTURES
+    prefix = bool(metadata.get("tokenizer.ggml.add_space_prefix", not gemma))
+    ordered = tokens
+    if not gemma and metadata.get("tokenizer.ggml.scores"):
+        scores = metadata["tokenizer.ggml.scores"]
+        ordered = [tokens[i] for i in sorted(range(len(tokens)), key=lambda i: -scores[i])]
+    replace = {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}
+    normalizer = ({"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "\u2581"}, replace]}
+                  if prefix else replace)
+    decoders = [{"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
+                {"type": "ByteFallback"}, {"type": "Fuse"}]
+    if prefix:
+        decoders.append({"type": "Strip", "content": " ", "start": 1, "stop": 0})
     post_processor = None
     if bos_id is not None and metadata.get("tokenizer.ggml.add_bos_token", True):
         bos = {"SpecialToken": {"id": tokens[bos_id], "type_id": 0}}
@@ -289,20 +255,73 @@ def build_gemma_tokenizer_json(metadata: dict[str, object]) -> dict:
         "truncation": None,
         "padding": None,
         "added_tokens": added,
-        "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"},
-        "pre_tokenizer": {"type": "Split", "pattern": {"String": " "},
-                          "behavior": "MergedWithPrevious", "invert": False},
+        "normalizer": normalizer,
+        "pre_tokenizer": None if prefix else {"type": "Split", "pattern": {"String": " "},
+                                              "behavior": "MergedWithPrevious", "invert": False},
         "post_processor": post_processor,
-        "decoder": {"type": "Sequence", "decoders": [
-            {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
-            {"type": "ByteFallback"},
-            {"type": "Fuse"},
-        ]},
+        "decoder": {"type": "Sequence", "decoders": decoders},
         "model": {"type": "BPE", "dropout": None,
                   "unk_token": tokens[unk_id] if unk_id is not None else None,
                   "continuing_subword_prefix": None, "end_of_word_suffix": None,
                   "fuse_unk": True, "byte_fallback": True, "ignore_merges": False,
-                  "vocab": vocab, "merges": _gemma_merges(tokens, vocab)},
+                  "vocab": vocab, "merges": _spm_merges(ordered, vocab)},
+    }
+
+
+# Pre-tokenizer split patterns of GPT-2-style byte-level BPE vocabularies, by ``tokenizer.ggml.pre``
+# (published in each model's tokenizer.json).
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
+                 r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"
+                r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _byte_level(use_regex: bool) -> dict:
+    return {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+            "use_regex": use_regex}
+
+
+def _split(pattern: str) -> dict:
+    return {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": False}
+
+
+BPE_PRE_TOKENIZERS = {
+    "default": _byte_level(True), "gpt-2": _byte_level(True), "gpt2": _byte_level(True),
+    "smollm": {"type": "Sequence", "pretokenizers": [
+        {"type": "Digits", "individual_digits": True}, _byte_level(True)]},
+    "llama-bpe": {"type": "Sequence", "pretokenizers": [_split(_LLAMA3_SPLIT), _byte_level(False)]},
+    "qwen2": {"type": "Sequence", "pretokenizers": [_split(_QWEN2_SPLIT), _byte_level(False)]},
+}
+
+
+def build_bpe_tokenizer_json(metadata: dict[str, object]) -> dict:
+    """The ``tokenizer.json`` document for a GPT-2-style byte-level BPE GGUF (``gpt2`` model):
+    its vocabulary and merges as stored, the pre-tokenizer its ``tokenizer.ggml.pre`` names,
+    control tokens as special added tokens, user-defined ones as plain added tokens."""
+    pre = str(metadata.get("tokenizer.ggml.pre") or "default")
+    if pre not in BPE_PRE_TOKENIZERS:
+        raise UnsupportedTokenizerError(
+            f"byte-level BPE pre-tokenizer {pre!r} is not supported (supported: "
+            f"{', '.join(sorted(BPE_PRE_TOKENIZERS))}); use a Hugging Face folder with a tokenizer.json")
+    tokens: list[str] = metadata["tokenizer.ggml.tokens"]
+    types: list[int] = metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    merges = metadata.get("tokenizer.ggml.merges")
+    if not merges:
+        raise UnsupportedTokenizerError("the GGUF's BPE tokenizer has no merges")
+    vocab = {token: index for index, token in enumerate(tokens)}
+    added = [_added_token(i, token, special=kind == _CONTROL)
+             for i, (token, kind) in enumerate(zip(tokens, types)) if kind in (_CONTROL, _USER_DEFINED)]
+    return {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
+        "normalizer": {"type": "NFC"} if pre == "qwen2" else None,
+        "pre_tokenizer": BPE_PRE_TOKENIZERS[pre],
+        "post_processor": None,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True,
+                    "use_regex": True},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None,
+                  "continuing_subword_prefix": None, "end_of_word_suffix": None,
+                  "fuse_unk": False, "byte_fallback": False, "ignore_merges": pre == "llama-bpe",
+                  "vocab": vocab, "merges": [m.split(" ", 1) for m in merges]},
     }
 
 
@@ -382,14 +401,14 @@ def load_tokenizer_gguf(gguf_path: str | os.PathLike, cache_dir: Path) -> Tokeni
         return cached
     metadata = read_gguf_metadata(gguf_path)
     kind = metadata.get("tokenizer.ggml.model")
-    arch = metadata.get("general.architecture")
-    if kind != "llama" or arch not in GEMMA_SPM_ARCHITECTURES:
+    builders = {"llama": build_gemma_tokenizer_json, "gpt2": build_bpe_tokenizer_json}
+    if kind not in builders:
         raise UnsupportedTokenizerError(
-            f"{gguf_path.name}: cannot rebuild tokenizer {kind!r} of architecture {arch!r}; only "
-            f"SentencePiece tokenizers of {', '.join(GEMMA_SPM_ARCHITECTURES)} are supported. "
-            "Use a Hugging Face folder with a tokenizer.json instead."
+            f"{gguf_path.name}: cannot rebuild tokenizer {kind!r}; SentencePiece ('llama') and "
+            "byte-level BPE ('gpt2') tokenizers are supported. Use a Hugging Face folder with a "
+            "tokenizer.json instead."
         )
-    document = json.dumps(build_gemma_tokenizer_json(metadata), ensure_ascii=False)
+    document = json.dumps(builders[kind](metadata), ensure_ascii=False)
     meta = _gguf_meta(metadata, stamp)
     backend = BackendTokenizer.from_str(document)
     cache_dir.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,9 @@
 """The Hugging Face target backend (``models/hf.py``): any transformers causal LM as a target.
 
 Tiny random Llama, Qwen 3 and Gemma 4 text models saved as folders: ``load_target`` picks the
-backend (Gemma 3 stays native), plain greedy decoding equals transformers' own ``generate`` token
-for token, speculative decoding (n-gram and an MTP head reading the wrapped model's KV cache) equals
+backend (Llama, Qwen 3 and Gemma 3 run natively, Gemma 4 through transformers; ``backend="hf"``
+forces transformers), plain greedy decoding on either backend equals transformers' own ``generate``
+token for token, speculative decoding (n-gram and an MTP head reading the wrapped model's KV cache) equals
 plain, batches equal single prompts, and ``mtpspec train --model FOLDER`` trains a drafter the
 engine loads.
 """
@@ -18,6 +19,7 @@ pytest.importorskip("transformers")
 from mtpspec.drafter.head import DrafterConfig, MTPHead, init_weights  # noqa: E402
 from mtpspec.engine import Engine, GenerateOptions  # noqa: E402
 from mtpspec.loading import ModelLoadError  # noqa: E402
+from mtpspec.models.decoder import DecoderModel  # noqa: E402
 from mtpspec.models.gemma3 import Gemma3Model  # noqa: E402
 from mtpspec.models.hf import HFModel  # noqa: E402
 from mtpspec.proposers.factory import ProposerRequest, make_proposer  # noqa: E402
@@ -45,17 +47,21 @@ def options(**overrides) -> GenerateOptions:
 
 
 def test_load_target_picks_the_backend(family, tmp_path):
-    _, folder = family
-    target = load_target(folder, "fp32")
+    model, folder = family
+    target = load_target(folder, "fp32", backend="hf")
     assert isinstance(target.model, HFModel) and target.weight_format == "hf-fp32"
     assert target.tokenizer is not None and len(target.weights_hash) == 64
-    native = load_target(write_tiny_hf_model(tmp_path / "g3"), "fp32", with_tokenizer=False)
-    assert isinstance(native.model, Gemma3Model)  # Gemma 3 folders stay on the fast path
+    default = load_target(folder, "fp32")
+    native = model.config.model_type in ("llama", "qwen3")
+    assert isinstance(default.model, DecoderModel if native else HFModel)
+    gemma3 = load_target(write_tiny_hf_model(tmp_path / "g3"), "fp32", with_tokenizer=False)
+    assert isinstance(gemma3.model, Gemma3Model)  # Gemma 3 folders stay on the fast path
 
 
-def test_greedy_equals_transformers_and_speculation_is_lossless(family):
+@pytest.mark.parametrize("backend", ["native", "hf"])
+def test_greedy_equals_transformers_and_speculation_is_lossless(family, backend):
     model, folder = family
-    target = load_target(folder, "fp32", with_tokenizer=False)
+    target = load_target(folder, "fp32", with_tokenizer=False, backend=backend)
     reference = hf_greedy(model, REPEATS, NEW)
     plain = Engine(target.model).generate([REPEATS], options())[0]
     assert plain.token_ids == reference
@@ -96,7 +102,8 @@ def test_mtp_head_on_an_hf_target_is_lossless(family):
 def test_packed_formats_fall_back_and_bad_folders_are_refused(family, tmp_path):
     _, folder = family
     with pytest.warns(UserWarning, match="fp32"):
-        assert load_target(folder, "int8", with_tokenizer=False).weight_format == "hf-fp32"
+        hf = load_target(folder, "int8", with_tokenizer=False, backend="hf")
+        assert hf.weight_format == "hf-fp32"
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "config.json").write_text(json.dumps({"model_type": "no-such-model"}))

@@ -213,16 +213,41 @@ def test_cache_rebuilt_when_gguf_changes(tiny_gguf: Path, tmp_path: Path) -> Non
     assert load_tokenizer_gguf(tiny_gguf, cache).chat_template == TINY_TEMPLATE
 
 
-def test_unsupported_gguf_tokenizer(tmp_path: Path) -> None:
-    writer = gguf.GGUFWriter(tmp_path / "bpe.gguf", arch="qwen2")
-    writer.add_tokenizer_model("gpt2")
-    writer.add_token_list(["a", "b"])
+def _tokenizer_only_gguf(path: Path, model: str, pre: str | None = None,
+                         merges: list[str] | None = None) -> Path:
+    writer = gguf.GGUFWriter(path, arch="qwen2")
+    writer.add_tokenizer_model(model)
+    if pre is not None:
+        writer.add_tokenizer_pre(pre)
+    writer.add_token_list(["a", "b", "ab"])
+    if merges is not None:
+        writer.add_token_merges(merges)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    with pytest.raises(UnsupportedTokenizerError, match="gpt2"):
-        load_tokenizer_gguf(tmp_path / "bpe.gguf", tmp_path / "cache")
+    return path
+
+
+def test_unsupported_gguf_tokenizer(tmp_path: Path) -> None:
+    path = _tokenizer_only_gguf(tmp_path / "wp.gguf", "bert")
+    with pytest.raises(UnsupportedTokenizerError, match="'bert'"):
+        load_tokenizer_gguf(path, tmp_path / "cache")
+    path = _tokenizer_only_gguf(tmp_path / "nomerges.gguf", "gpt2")
+    with pytest.raises(UnsupportedTokenizerError, match="no merges"):
+        load_tokenizer_gguf(path, tmp_path / "cache2")
+    path = _tokenizer_only_gguf(tmp_path / "pre.gguf", "gpt2", pre="chatglm-bpe", merges=["a b"])
+    with pytest.raises(UnsupportedTokenizerError, match="chatglm-bpe"):
+        load_tokenizer_gguf(path, tmp_path / "cache3")
+
+
+def test_byte_level_bpe_gguf(tmp_path: Path) -> None:
+    """A GPT-2-style GGUF tokenizer: merges apply, spaces are byte-level 'Ġ', decode round-trips."""
+    path = _tokenizer_only_gguf(tmp_path / "bpe.gguf", "gpt2", pre="smollm", merges=["a b"])
+    tok = load_tokenizer_gguf(path, tmp_path / "cache")
+    assert tok.encode("ab", add_bos=False) == [2]
+    assert tok.encode("aba", add_bos=False) == [2, 0]
+    assert tok.decode([2, 0, 1]) == "abab"
 
 
 def test_not_a_gguf(tmp_path: Path) -> None:

@@ -27,7 +27,6 @@ from mtpspec.drafter.data import build_prompts, generate_batch, generate_states
 from mtpspec.drafter.head import DrafterConfig, MTPHead, init_weights
 from mtpspec.drafter.train import TrainConfig, evaluate, train
 from mtpspec.loading import load_weights
-from mtpspec.models.gemma3 import Gemma3Model
 from mtpspec.models.hf import is_native, load_hf_model
 from mtpspec.sampling import SamplingParams
 
@@ -109,7 +108,7 @@ def _generate(target, prompts, args, device, log, layers=None) -> list:
 
 
 def _is_hf_folder(model: str | None) -> bool:
-    """Whether ``--model`` is a Hugging Face folder that the native Gemma 3 does not load."""
+    """Whether ``--model`` is a Hugging Face folder that no native family loads."""
     return model is not None and Path(model).is_dir() and not is_native(Path(model))
 
 
@@ -131,7 +130,9 @@ def _training_target(model: str | None, device: torch.device, packed: str | None
         return (engine_target.model, engine_target.config, engine_target.weights_hash,
                 lambda: engine_target.tokenizer)
     loaded = load_weights(model)
-    target = Gemma3Model(loaded.config, loaded.tensors, "dense").to(device)
+    from mtpspec.runtime import native_model
+
+    target = native_model(loaded.config, loaded.tensors, "dense").to(device)
     return target, loaded.config, loaded.weights_hash, lambda: load_tokenizer_for(loaded)
 
 

@@ -26,11 +26,11 @@ import torch
 from torch import nn
 
 from mtpspec.config import ModelConfig
+from mtpspec.families import family_for_hf
 from mtpspec.kv_cache import CacheFullError, KVCache
 from mtpspec.loading import ModelLoadError, file_sha256
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-NATIVE_MODEL_TYPES = ("gemma3", "gemma3_text")  # served by models/gemma3.py
 
 
 def read_hf_config(folder: Path) -> dict:
@@ -50,8 +50,8 @@ def model_type_of(raw: dict) -> str:
 
 
 def is_native(folder: Path) -> bool:
-    """Whether ``folder`` holds an architecture with a native implementation (Gemma 3 text)."""
-    return model_type_of(read_hf_config(folder)) in NATIVE_MODEL_TYPES
+    """Whether ``folder`` holds an architecture with a native implementation (``families``)."""
+    return family_for_hf(model_type_of(read_hf_config(folder))) is not None
 
 
 def folder_hash(folder: Path) -> str:
