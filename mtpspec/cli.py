@@ -19,7 +19,7 @@ from mtpspec.kv_cache import CacheFullError
 from mtpspec.loading import ModelLoadError
 from mtpspec.ops import FORMATS
 from mtpspec.proposers.factory import DEFAULT_DRAFT_CONFIDENCE, SPECS, SpecError
-from mtpspec.runtime import DEFAULT_WEIGHTS
+from mtpspec.runtime import BACKENDS, DEFAULT_WEIGHTS
 from mtpspec.tokenizer import NoChatTemplateError, UnsupportedTokenizerError
 
 DEFAULT_DRAFT_K = 6  # the longest draft; the confidence stop usually ends it sooner
@@ -44,7 +44,11 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, default=None,
-                        help="GGUF file or Hugging Face folder (default: the embedded Gemma 3 270M)")
+                        help="GGUF file, Hugging Face folder, or an embedded model: gemma3 "
+                             "(Gemma 3 270M base, the default) or smollm2 (SmolLM2-135M-Instruct)")
+    parser.add_argument("--backend", choices=BACKENDS, default="native",
+                        help="native (Llama, Mistral, Qwen2/3, Gemma 2/3; the default) or hf: "
+                             "any Hugging Face folder through transformers")
     parser.add_argument("--weights", "--dtype", dest="weights", choices=FORMATS,
                         default=DEFAULT_WEIGHTS,
                         help="weight format the target runs in (default %(default)s)")
@@ -250,7 +254,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UsageError(str(err)) from None
     text = _read_prompt(args.prompt)
     configure_threads()
-    target = load_target(args.model, args.weights)
+    target = load_target(args.model, args.weights, backend=args.backend)
     ids = _encode(target, text, args.chat)
     built = make_proposer(args.spec, target, _proposer_request(args))
     engine = Engine(target.model, target.tokenizer, built.proposer, max_len=args.max_len)
@@ -332,7 +336,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     prompts = select_prompts(prompts, _split(args.categories), args.limit)
 
     configure_threads()
-    target = load_target(args.model, args.weights)
+    target = load_target(args.model, args.weights, backend=args.backend)
     if names is None:
         names = ["plain", "ngram"]
         if default_spec(target, args.drafter)[0] == "mtp":
@@ -384,7 +388,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be in 0..65535, got {args.port}")
     configure_threads()
-    target = load_target(args.model, args.weights)
+    target = load_target(args.model, args.weights, backend=args.backend)
     built = make_proposer(args.spec, target, _proposer_request(args))
     if built.note:
         _note(built.note)
