@@ -24,6 +24,14 @@ def completion_prompt(text: str) -> str:
     return f"Question: {text.strip()}\nAnswer:"
 
 
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """Token ids of one training prompt in the target's serving format."""
+    if getattr(tokenizer, "chat_template", None):
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": text.strip()}])
+        return tokenizer.encode(rendered, add_bos=False)
+    return tokenizer.encode(completion_prompt(text))
+
+
 def _text_of(item: dict) -> str | None:
     for key in ("prompt", "question", "instruction"):
         if isinstance(item.get(key), str) and item[key].strip():
@@ -82,14 +90,15 @@ def read_sharegpt(limit: int | None = None) -> list[str]:
 
 def build_prompts(tokenizer, sources: list[str], limit: int, max_prompt_tokens: int,
                   seed: int = 0) -> list[list[int]]:
-    """Tokenized completion prompts from ``sources`` (file paths, or ``sharegpt``), shuffled."""
+    """Tokenized prompts from ``sources`` (file paths, or ``sharegpt``), shuffled: chat-formatted
+    through the tokenizer's template when it has one, else completion prompts."""
     texts: list[str] = []
     for source in sources:
         texts += read_sharegpt() if source == "sharegpt" else read_prompt_file(Path(source))
     random.Random(seed).shuffle(texts)
     prompts = []
     for text in texts:
-        ids = tokenizer.encode(completion_prompt(text))
+        ids = encode_prompt(tokenizer, text)
         if len(ids) <= max_prompt_tokens:
             prompts.append(ids)
         if len(prompts) >= limit:
