@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import torch
 
 from mtpspec.kv_cache import CacheFullError
-from mtpspec.models.gemma3 import Gemma3Model
+from mtpspec.models.base import TargetModel
 from mtpspec.proposers.base import Draft, DraftState, Proposer, empty_draft
 from mtpspec.sampling import SamplingParams, logits_to_probs, make_generator, sample
 from mtpspec.sequence import (AdaptiveDraftLength, FinishEvent, GenerateOptions, SequenceOutput,
@@ -85,7 +85,7 @@ class _Sequence:
 class BatchSession:
     """Step-wise continuous batching over one target; see the module docstring."""
 
-    def __init__(self, model: Gemma3Model, tokenizer: Tokenizer | None, proposer: Proposer | None,
+    def __init__(self, model: TargetModel, tokenizer: Tokenizer | None, proposer: Proposer | None,
                  max_batch_size: int, max_len: int, max_draft_k: int,
                  max_verify_rows: int | None = None):
         if max_batch_size < 1:

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 
 from mtpspec.batch import BatchSession
 from mtpspec.kv_cache import CacheFullError
-from mtpspec.models.gemma3 import Gemma3Model
+from mtpspec.models.base import TargetModel
 from mtpspec.proposers.base import Proposer
 from mtpspec.sampling import make_generator
 from mtpspec.sequence import (AdaptiveDraftLength, FinishEvent, GenerateOptions, GenerationResult,
@@ -37,7 +37,7 @@ class Engine:
     """Runs plain or speculative decoding on one target: fixed batches (``generate``/``stream``)
     or a continuous batch (``session``)."""
 
-    def __init__(self, model: Gemma3Model, tokenizer: Tokenizer | None = None,
+    def __init__(self, model: TargetModel, tokenizer: Tokenizer | None = None,
                  proposer: Proposer | None = None, max_len: int = 4096):
         self.model = model
         self.tokenizer = tokenizer

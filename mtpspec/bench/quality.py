@@ -10,7 +10,7 @@ default model):
 * ``greedy_agreement``: free-running greedy continuations of the same prompts against float32's:
   how many are identical, where the first divergence falls, and the fraction of tokens before it.
 
-Nothing here times anything or loads a model; callers pass a ``Gemma3Model`` and token ids.
+Nothing here times anything or loads a model; callers pass a ``TargetModel`` and token ids.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mtpspec.models.gemma3 import Gemma3Model
+from mtpspec.models.base import TargetModel
 
 TEXT_CHUNK = 256  # positions per forward pass: logits [256, V] float32 is 268 MB at V = 262,144
 
@@ -39,7 +39,7 @@ class TextScore:
 
 
 @torch.inference_mode()
-def score_text(model: Gemma3Model, ids: list[int], chunk: int = TEXT_CHUNK) -> TextScore:
+def score_text(model: TargetModel, ids: list[int], chunk: int = TEXT_CHUNK) -> TextScore:
     """Perplexity of ``ids`` (one sequence, the bos token first) fed in chunks through one cache."""
     if len(ids) < 2:
         raise ValueError("need at least two tokens to score a text")

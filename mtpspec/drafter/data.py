@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from mtpspec.models.gemma3 import Gemma3Model
+from mtpspec.models.base import TargetModel
 from mtpspec.sampling import SamplingParams, select
 
 
@@ -129,7 +129,7 @@ class TargetStates:
 
 @torch.no_grad()
 @torch.inference_mode()  # no autograd: the packed model then takes its fused C++ path
-def generate_batch(model: Gemma3Model, prompts: list[list[int]], max_new_tokens: int,
+def generate_batch(model: TargetModel, prompts: list[list[int]], max_new_tokens: int,
                    params: SamplingParams, generator=None) -> list[list[int]]:
     """Responses of the target to ``prompts`` (lockstep batch; stops at EOS); any device."""
     return _generate(model, prompts, max_new_tokens, params, generator)[0]
@@ -137,7 +137,7 @@ def generate_batch(model: Gemma3Model, prompts: list[list[int]], max_new_tokens:
 
 @torch.no_grad()
 @torch.inference_mode()
-def generate_states(model: Gemma3Model, prompts: list[list[int]], max_new_tokens: int,
+def generate_states(model: TargetModel, prompts: list[list[int]], max_new_tokens: int,
                     params: SamplingParams, generator, layers: tuple[int, ...],
                     top_k: int) -> list[TargetStates]:
     """``generate_batch``, keeping each sequence's ``TargetStates`` (K/V of ``layers``)."""

@@ -30,7 +30,7 @@ import torch.utils.checkpoint
 
 from mtpspec.drafter.checkpoint import save_drafter
 from mtpspec.drafter.head import MTPHead
-from mtpspec.models.gemma3 import Gemma3Model
+from mtpspec.models.base import TargetModel
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ class TrainConfig:
                                  # targets plus the N most frequent tokens (CPU: ~16x cheaper)
 
 
-def target_fingerprint(model: Gemma3Model) -> str:
+def target_fingerprint(model: TargetModel) -> str:
     """A hash of every target tensor, to prove training left the target untouched."""
     digest = hashlib.sha256()
     for name, tensor in sorted(model.named_buffers()) + sorted(model.named_parameters()):
@@ -78,7 +78,7 @@ def pad_batch(seqs: list[list[int]], length: int, device) -> tuple[torch.Tensor,
 
 
 @torch.no_grad()
-def target_pass(target: Gemma3Model, ids: torch.Tensor, top_k: int):
+def target_pass(target: TargetModel, ids: torch.Tensor, top_k: int):
     """Frozen target over [B, T]: hidden [B, T, d], cache, top-k probs/ids of each position."""
     batch, length = ids.shape
     cache = target.new_cache(batch, length)
@@ -125,7 +125,7 @@ def stored_pass(states: list, length: int, layers: tuple[int, ...], device):
             move(tops), move(known))
 
 
-def unroll(head: MTPHead, target: Gemma3Model, ids, hidden, cache, steps: int):
+def unroll(head: MTPHead, target: TargetModel, ids, hidden, cache, steps: int):
     """Run the head ``steps`` times for every P in 1..T-1; yields (i, the state its LM head scores
     [B, T-1, d]: h', or for a head with its own LM head the normed draft state [B, T-1, d_draft]);
     h' always feeds the next step."""
@@ -176,7 +176,7 @@ def cluster_ce(state, head: MTPHead, probs, tops, weight):
 
 
 @torch.no_grad()
-def evaluate(head: MTPHead, target: Gemma3Model, sequences: list[list[int]], max_k: int = 6,
+def evaluate(head: MTPHead, target: TargetModel, sequences: list[list[int]], max_k: int = 6,
              seq_len: int = 384, device="cpu", head_kind: str | None = None) -> dict:
     """Greedy acceptance on held-out target-greedy sequences, with the head kind used at run time.
 
@@ -219,7 +219,7 @@ def evaluate(head: MTPHead, target: Gemma3Model, sequences: list[list[int]], max
     return {"tau": tau, "acceptance_per_position": per_pos, "positions": len(runs)}
 
 
-def train(head: MTPHead, target: Gemma3Model, sequences: list[list[int]], config: TrainConfig,
+def train(head: MTPHead, target: TargetModel, sequences: list[list[int]], config: TrainConfig,
           out: Path, eval_sequences: list[list[int]] | None = None, log=print,
           extra_meta: dict | None = None, state_dir: Path | None = None) -> dict:
     """Train ``head`` on ``sequences`` (token ids), saving checkpoints in ``out``; resumable."""

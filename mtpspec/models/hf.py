@@ -279,6 +279,10 @@ class HFModel(nn.Module):
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
 
+    @property
+    def screen_nbytes(self) -> int:
+        return 0
+
     def enable_argmax_screen(self, ordering: torch.Tensor | None = None) -> None:
         return None  # the screen needs a packed int8 head (mtpspec.screen)
 

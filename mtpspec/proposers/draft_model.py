@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from mtpspec.models.gemma3 import Gemma3Model
+from mtpspec.models.base import TargetModel
 from mtpspec.proposers.base import Draft, DraftState
 from mtpspec.sampling import logits_to_probs, sample
 
@@ -17,7 +17,7 @@ from mtpspec.sampling import logits_to_probs, sample
 class DraftModelProposer:
     name = "draft-model"
 
-    def __init__(self, model: Gemma3Model, max_len: int = 4096):
+    def __init__(self, model: TargetModel, max_len: int = 4096):
         self.model = model
         self.max_len = max_len
         self.cache = None

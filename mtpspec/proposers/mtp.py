@@ -25,7 +25,7 @@ import torch
 
 from mtpspec import fused
 from mtpspec.drafter.head import MTPHead
-from mtpspec.models.gemma3 import Gemma3Model
+from mtpspec.models.base import TargetModel
 from mtpspec.ops import FORMATS
 from mtpspec.proposers.base import Draft, DraftState
 from mtpspec.sampling import logits_to_probs, sample
@@ -34,7 +34,7 @@ from mtpspec.sampling import logits_to_probs, sample
 class DraftHeadLogits:
     """The drafter's LM head over the target's tied embedding."""
 
-    def __init__(self, head: MTPHead, target: Gemma3Model, kind: str | None = None):
+    def __init__(self, head: MTPHead, target: TargetModel, kind: str | None = None):
         self.kind = kind or head.cfg.head
         self.target = target
         cfg = head.cfg
@@ -70,7 +70,7 @@ class DraftHeadLogits:
 class MTPProposer:
     name = "mtp"
 
-    def __init__(self, head: MTPHead, target: Gemma3Model, head_kind: str | None = None,
+    def __init__(self, head: MTPHead, target: TargetModel, head_kind: str | None = None,
                  use_fused: bool = True, fused_weights: str = "int8",
                  min_confidence: float | None = None, share_screen: bool = True):
         """use_fused: draft in C++ where it applies (CPU, packed target); fused_weights: the
