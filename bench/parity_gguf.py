@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from mtpspec.bench.prompts import load_prompts, select_prompts
+from mtpspec.bench.prompts import load_prompts, prompt_token_ids, select_prompts
 from mtpspec.engine import Engine, GenerateOptions
 from mtpspec.runtime import configure_threads, load_target
 
@@ -32,13 +32,6 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
         if x != y:
             return i
     return None if len(a) == len(b) else min(len(a), len(b))
-
-
-def encode(tokenizer, text: str) -> list[int]:
-    if tokenizer.chat_template:
-        rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}])
-        return tokenizer.encode(rendered, add_bos=False)
-    return tokenizer.encode(f"Question: {text}\nAnswer:")
 
 
 def main() -> None:
@@ -60,7 +53,7 @@ def main() -> None:
     prompts = select_prompts(load_prompts(args.prompts), limit=args.limit)
     identical, rows = 0, []
     for prompt in prompts:
-        ids = encode(target.tokenizer, prompt.text)
+        ids = prompt_token_ids(prompt, target.tokenizer)
         ours = engine.generate([ids], GenerateOptions(max_new_tokens=args.max_new_tokens,
                                                       ignore_eos=True))[0].token_ids
         with torch.no_grad():

@@ -144,6 +144,16 @@ class StreamDecoder:
         return text[len(done) :]
 
 
+def user_prompt_ids(tokenizer: Tokenizer, text: str) -> list[int]:
+    """Token ids of one user prompt in the model's serving format: one user message through its
+    chat template when it has one (the template writes the bos token), else the completion framing
+    ``Question: ...\nAnswer:`` that benchmarks and drafter training use for base models."""
+    if tokenizer.chat_template is not None:
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}])
+        return tokenizer.encode(rendered, add_bos=False)
+    return tokenizer.encode(f"Question: {text}\nAnswer:")
+
+
 # --- chat templates -------------------------------------------------------------------------------
 
 

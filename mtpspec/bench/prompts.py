@@ -22,6 +22,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from mtpspec.tokenizer import user_prompt_ids
+
 DEFAULT_CATEGORY = "general"
 
 
@@ -114,10 +116,7 @@ def prompt_token_ids(prompt: BenchPrompt, tokenizer) -> list[int]:
     """Token ids of one prompt: verbatim, chat-templated, or ``Question: ...\\nAnswer:``."""
     if prompt.verbatim:
         return tokenizer.encode(prompt.text)
-    if tokenizer.chat_template is not None:
-        rendered = tokenizer.apply_chat_template([{"role": "user", "content": prompt.text}])
-        return tokenizer.encode(rendered, add_bos=False)  # the template writes the bos token
-    return tokenizer.encode(f"Question: {prompt.text}\nAnswer:")
+    return user_prompt_ids(tokenizer, prompt.text)
 
 
 def _builtin(question_id: int, category: str, question: str) -> BenchPrompt:

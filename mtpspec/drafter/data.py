@@ -18,18 +18,7 @@ import torch
 
 from mtpspec.models.base import TargetModel
 from mtpspec.sampling import SamplingParams, select
-
-
-def completion_prompt(text: str) -> str:
-    return f"Question: {text.strip()}\nAnswer:"
-
-
-def encode_prompt(tokenizer, text: str) -> list[int]:
-    """Token ids of one training prompt in the target's serving format."""
-    if getattr(tokenizer, "chat_template", None):
-        rendered = tokenizer.apply_chat_template([{"role": "user", "content": text.strip()}])
-        return tokenizer.encode(rendered, add_bos=False)
-    return tokenizer.encode(completion_prompt(text))
+from mtpspec.tokenizer import user_prompt_ids
 
 
 def _text_of(item: dict) -> str | None:
@@ -98,7 +87,7 @@ def build_prompts(tokenizer, sources: list[str], limit: int, max_prompt_tokens: 
     random.Random(seed).shuffle(texts)
     prompts = []
     for text in texts:
-        ids = encode_prompt(tokenizer, text)
+        ids = user_prompt_ids(tokenizer, text.strip())
         if len(ids) <= max_prompt_tokens:
             prompts.append(ids)
         if len(prompts) >= limit:
