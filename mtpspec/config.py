@@ -27,6 +27,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import torch
+
 FAMILIES = ("gemma2", "gemma3", "llama", "mistral", "qwen2", "qwen3")
 MLP_ACTIVATIONS = ("gelu_tanh", "silu")
 
@@ -49,7 +51,8 @@ class RopeScaling:
 
     def inv_freq(self, theta: float, dim: int) -> list[float]:
         """Inverse frequencies of the ``dim // 2`` rotary pairs after scaling."""
-        base = [1.0 / (theta ** (2 * i / dim)) for i in range(dim // 2)]
+        # float32 as transformers computes it, so tables match the reference bit for bit
+        base = (1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))).tolist()
         if self.kind == "linear":
             return [f / self.factor for f in base]
         if self.kind == "table":

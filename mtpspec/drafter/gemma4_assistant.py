@@ -158,7 +158,7 @@ def new_assistant_config(target, weights_hash: str = "", d_draft: int = 256, num
     ``assistant_config``, exactly as ``load_assistant`` reads Google's: so a head trained from it
     saves with ``save_assistant`` and loads back, here or in transformers, unchanged."""
     text = getattr(target, "text_config", None)
-    model_type = str(getattr(text, "model_type", "") or "")
+    model_type = str(getattr(text, "model_type", "") or target.config.family)
     if not model_type.startswith("gemma4"):
         raise DrafterMismatchError(f"the gemma4-assistant layout needs a Gemma 4 target; "
                                    f"{target.config.name} is {model_type or 'not one'}")

@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtpspec.config import ModelConfig
-from mtpspec.models.gemma3 import apply_rotary, rms_norm, rotary_tables
+from mtpspec.config import RopeScaling
+from mtpspec.models.attention import apply_rotary, attend, rms_norm, rotary_tables
 
 HEAD_KINDS = ("clustered", "full", "frequency")
 LM_HEAD_SOURCES = ("target", "draft")  # whose embedding scores the draft state
@@ -175,21 +176,12 @@ class DraftLayer(nn.Module):
     def forward(self, x: torch.Tensor, rope, keys: torch.Tensor, values: torch.Tensor,
                 mask: torch.Tensor) -> torch.Tensor:
         # x [B, T, d]; rope cos/sin [B, T, 1, Dh]; keys/values [B, kvh, S, Dh]; mask [B, T, S]
-        cfg, dh, kvh = self.cfg, self.head_dim, self.kv_heads
+        cfg, dh = self.cfg, self.head_dim
         batch, steps, _ = x.shape
         q = self.q_proj(self.attn_norm(x)).view(batch, steps, cfg.num_heads, dh)
         q = apply_rotary(self.q_norm(q), *rope)
-        group = cfg.num_heads // kvh
-        qg = q.permute(0, 2, 1, 3).reshape(batch, kvh, group * steps, dh)
-        keys, values = keys.to(qg.dtype), values.to(qg.dtype)
-        scores = torch.matmul(qg, keys.transpose(-1, -2)) * cfg.query_scale  # [B, kvh, gT, S]
-        scores = scores.view(batch, kvh, group, steps, -1)
-        scores = scores.masked_fill(~mask[:, None, None], float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
         # a query with no visible key (position 0) attends to nothing
-        probs = torch.nan_to_num(probs, nan=0.0).view(batch, kvh, group * steps, -1)
-        attn = torch.matmul(probs, values).view(batch, cfg.num_heads, steps, dh)
-        attn = attn.transpose(1, 2).reshape(batch, steps, -1)
+        attn = attend(q, keys, values, mask, cfg.query_scale)  # [B, T, H*Dh]
         x = x + self.post_attn_norm(self.o_proj(attn))
         gate, up = self.gate_up(self.mlp_norm(x)).chunk(2, dim=-1)
         x = x + self.post_mlp_norm(self.down(F.gelu(gate, approximate="tanh") * up))
@@ -229,7 +221,8 @@ class MTPHead(nn.Module):
             factor = cfg.rope_scaling_factor if is_global else 1.0
             partial = cfg.rope_partial_global if is_global else 1.0
             if partial == 1.0:
-                cos, sin = rotary_tables(theta, head_dim, length, factor)
+                cos, sin = rotary_tables(RopeScaling("linear", factor).inv_freq(theta, head_dim),
+                                         length)
             else:
                 cos, sin = partial_rotary_tables(theta, head_dim, length, factor, partial)
             cached = (cos.to(device), sin.to(device))

@@ -31,6 +31,7 @@ from torch import nn
 
 from mtpspec.config import ModelConfig
 from mtpspec.kv_cache import CacheFullError, KVCache
+from mtpspec.models.attention import apply_rotary, attend, rms_norm, rotary_tables, softcap
 from mtpspec.models.dense import DenseLinear
 from mtpspec.ops import PackedLinear
 
@@ -53,31 +54,6 @@ class LinearSource:
         if name in self.prebuilt:
             return self.prebuilt[name]
         return make_linear(weight(), self.fmt)
-
-
-def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm ``x / rms(x) * scale`` (the offset is already in ``scale``), in float32."""
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * scale
-
-
-def rotary_tables(inv_freq: list[float], length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables ``[length, 2 * len(inv_freq)]`` for the rotate-half (NeoX) layout."""
-    freqs = torch.outer(torch.arange(length, dtype=torch.float32),
-                        torch.tensor(inv_freq, dtype=torch.float32))  # [S, D/2]
-    angles = torch.cat([freqs, freqs], dim=-1)  # [S, D]
-    return angles.cos(), angles.sin()
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` ``[B, T, H, D]`` by per-position tables ``cos``/``sin`` ``[B, T, 1, D]``."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
-
-
-def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
-    """``cap * tanh(x / cap)`` (Gemma 2's attention and final logit soft-caps); cap 0 = none."""
-    return x if not cap else torch.tanh(x / cap) * cap
 
 
 def layer_norm_names(config: ModelConfig) -> dict[str, str]:
@@ -152,27 +128,6 @@ class DecoderLayer(nn.Module):
         if self.post_mlp_norm_scale is not None:
             h = rms_norm(h, self.post_mlp_norm_scale, eps)
         return x + h
-
-
-def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
-           scale: float, cap: float = 0.0) -> torch.Tensor:
-    """Grouped-query attention without expanding K/V.
-
-    q [B, T, H, Dh]; keys/values [B, kvh, S, Dh]; mask [B, 1, T, S] (True = visible); scores
-    soft-capped at ``cap`` when non-zero. Returns [B, T, H*Dh].
-    """
-    batch, steps, heads, head_dim = q.shape
-    kv_heads = keys.shape[1]
-    group = heads // kv_heads
-    # heads h = g_kv * group + j share kv head g_kv: fold the group into the query axis
-    qg = q.permute(0, 2, 1, 3).reshape(batch, kv_heads, group * steps, head_dim)
-    scores = softcap(torch.matmul(qg, keys.transpose(-1, -2)) * scale, cap)  # [B, kvh, group*T, S]
-    scores = scores.view(batch, kv_heads, group, steps, -1)
-    scores = scores.masked_fill(~mask.unsqueeze(1), float("-inf"))
-    probs = torch.softmax(scores, dim=-1).view(batch, kv_heads, group * steps, -1)
-    out = torch.matmul(probs, values)  # [B, kvh, group*T, Dh]
-    out = out.view(batch, heads, steps, head_dim).transpose(1, 2)
-    return out.reshape(batch, steps, heads * head_dim)
 
 
 class DecoderModel(nn.Module):
