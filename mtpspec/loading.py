@@ -230,6 +230,9 @@ def load_hf_folder(folder: Path, with_tensors: bool = True) -> LoadedWeights:
         tensors["model.embed_tokens.weight"] = tensors["lm_head.weight"]
     if config.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)
+    if config.layer_scalar and with_tensors:  # checkpoints without them: transformers' ones
+        for i in range(config.num_layers):
+            tensors.setdefault(f"model.layers.{i}.layer_scalar", torch.ones(1))
     if with_tensors:
         _check_tensors(config, tensors, folder)
     return LoadedWeights(config=config, tensors=tensors, source=folder, weights_hash=digest.hexdigest())
