@@ -212,7 +212,10 @@ def load_hf_folder(folder: Path, with_tensors: bool = True) -> LoadedWeights:
     config_path = folder / "config.json"
     if not config_path.exists():
         raise ModelLoadError(f"{folder}: no config.json (expected a Hugging Face model folder)")
-    config = hf_config(json.loads(config_path.read_text()))
+    raw = json.loads(config_path.read_text())
+    config = hf_config(raw)
+    if not raw.get("_name_or_path"):  # the folder names the model (as for transformers targets)
+        config = dataclasses.replace(config, name=folder.name)
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise ModelLoadError(f"{folder}: no *.safetensors weight files")

@@ -24,6 +24,7 @@ from mtpspec.engine import Engine, GenerateOptions  # noqa: E402
 from mtpspec.families import ModelLoadError, config_from_gguf, config_from_hf  # noqa: E402
 from mtpspec.models.decoder import DecoderModel  # noqa: E402
 from mtpspec.proposers.assistant import AssistantProposer  # noqa: E402
+from mtpspec.proposers.base import Draft  # noqa: E402
 from mtpspec.proposers.factory import ProposerRequest, make_proposer  # noqa: E402
 from mtpspec.proposers.ngram import NgramProposer  # noqa: E402
 from mtpspec.runtime import load_target  # noqa: E402
@@ -60,6 +61,27 @@ def reference_logits(hf, ids: list[int]) -> torch.Tensor:
 def random_ids(seed: int, length: int) -> list[int]:
     gen = torch.Generator().manual_seed(seed)
     return [2] + torch.randint(3, 512, (length - 1,), generator=gen).tolist()
+
+
+class PartlyRightProposer:
+    """Drafts the known greedy continuation with every draft's token ``right`` corrupted: each
+    step accepts ``right`` drafts and rolls the rest back (random drafts are never accepted)."""
+
+    name = "partly-right"
+
+    def __init__(self, sequences: list[list[int]], right: int = 2):
+        self.sequences, self.right = sequences, right
+
+    def reset(self) -> None:
+        pass
+
+    def propose(self, state, k: int) -> Draft:
+        rows = []
+        for tokens in state.tokens:
+            full = next(seq for seq in self.sequences if seq[:len(tokens)] == tokens)
+            future = (full[len(tokens):] + [0] * k)[:k]
+            rows.append([(t + 1) % 512 if i == self.right else t for i, t in enumerate(future)])
+        return Draft(tokens=torch.tensor(rows, dtype=torch.long))
 
 
 def options(**overrides) -> GenerateOptions:
@@ -142,17 +164,23 @@ def test_speculation_with_an_assistant_drafter_is_lossless(pair, weights):
         patch.setenv("MTPSPEC_CACHE", str(root / "cache"))
         target = (fp32_target if weights == "fp32"
                   else load_target(root / "target", weights, with_tokenizer=False))
-    plain = Engine(target.model).generate([PROMPT], options())[0].token_ids
+    short = [2, 5, 6, 7]
+    plain = [out.token_ids for out in Engine(target.model).generate([PROMPT, short], options())]
     if weights == "fp32":
-        assert plain == hf_greedy(hf, PROMPT, NEW)
+        assert plain[0] == hf_greedy(hf, PROMPT, NEW)
     built = make_proposer("mtp-only", target, ProposerRequest(drafter_path=root / "assistant"))
     assert isinstance(built.proposer, AssistantProposer)
     for proposer in (built.proposer, NgramProposer()):
         spec = Engine(target.model, proposer=proposer).generate([PROMPT], options(draft_k=4))[0]
-        assert spec.token_ids == plain, type(proposer).__name__
-    batched = Engine(target.model, proposer=built.proposer).generate(
-        [PROMPT, [2, 5, 6, 7]], options(draft_k=4))
-    assert batched[0].token_ids == plain
+        assert spec.token_ids == plain[0], type(proposer).__name__
+        batched = Engine(target.model, proposer=proposer).generate([PROMPT, short],
+                                                                   options(draft_k=4))
+        assert [out.token_ids for out in batched] == plain, type(proposer).__name__
+    # accepted drafts and mid-block rollbacks, rows at different positions
+    oracle = PartlyRightProposer([PROMPT + plain[0], short + plain[1]])
+    accepted = Engine(target.model, proposer=oracle).generate([PROMPT, short], options(draft_k=4))
+    assert [out.token_ids for out in accepted] == plain
+    assert all(sum(out.from_draft) >= NEW // 2 for out in accepted)
 
 
 def test_the_packed_store_reads_back_the_same_model(pair):
