@@ -148,6 +148,25 @@ def test_shared_layers_write_nothing_and_read_their_source(pair):
     assert (cache.k.buffers[3] is None) == (kind == "e2b")
 
 
+def test_rows_move_between_caches_as_with_a_stacked_one(pair):
+    """What the batch session does when a row finishes or joins: ``k[:, row, :, :n] = ...``."""
+    _, _, target, _ = pair
+    model = target.model
+    joining = model.new_cache(1, 32)
+    model(torch.tensor([PROMPT]), torch.arange(len(PROMPT))[None], joining, num_logits=0)
+    session = model.new_cache(3, 32)
+    n = len(PROMPT)
+    session.k[:, 2, :, :n] = joining.k[:, 0, :, :n]
+    session.v[:, 2, :, :n] = joining.v[:, 0, :, :n]
+    session.k[:, 0, :, :n] = session.k[:, 2, :, :n]  # the last row moves into a hole
+    session.v[:, 0, :, :n] = session.v[:, 2, :, :n]
+    for layer in range(model.config.num_layers):
+        for row in (0, 2):
+            assert torch.equal(session.k[layer, row, :, :n], joining.k[layer, 0, :, :n])
+            assert torch.equal(session.v[layer, row, :, :n], joining.v[layer, 0, :, :n])
+        assert not session.k[layer, 1].any()
+
+
 def test_greedy_equals_transformers_generate_alone_and_batched(pair):
     _, hf, target, _ = pair
     short = [2, 5, 6, 7]
