@@ -149,7 +149,8 @@ def load_target(path: str | Path | None = None, weights: str = DEFAULT_WEIGHTS,
     """Load a target from a GGUF file, a Hugging Face folder, an embedded model's short name
     (``gemma3``, ``smollm2``; None: the default).
 
-    Every family of ``families.FAMILIES`` (GGUF or HF folder) runs on the native model; an HF
+    Every family of ``families.FAMILIES`` (GGUF or HF folder; Gemma 4 text: HF folders, on
+    ``DecoderModel``'s Python layers) runs on the native model; an HF
     folder of any other architecture, or any HF folder with ``backend="hf"``, runs on
     transformers through ``models.hf.HFModel`` (weights fp32, bf16 or fp16)."""
     if weights not in FORMATS:
