@@ -47,8 +47,9 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
                         help="GGUF file, Hugging Face folder, or an embedded model: gemma3 "
                              "(Gemma 3 270M base, the default) or smollm2 (SmolLM2-135M-Instruct)")
     parser.add_argument("--backend", choices=BACKENDS, default="native",
-                        help="native (Llama, Mistral, Qwen2/3, Gemma 2/3; the default) or hf: "
-                             "any Hugging Face folder through transformers")
+                        help="native (Llama, Mistral, Qwen2/3, Gemma 2/3, Gemma 4 text from HF "
+                             "folders; the default) or hf: any Hugging Face folder through "
+                             "transformers")
     parser.add_argument("--weights", "--dtype", dest="weights", choices=FORMATS,
                         default=DEFAULT_WEIGHTS,
                         help="weight format the target runs in (default %(default)s)")

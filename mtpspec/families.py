@@ -5,7 +5,9 @@ A family is a row of ``FAMILIES``: the GGUF ``general.architecture`` names and H
 quirks of llama.cpp's GGUF conversion that loading must undo (Gemma's RMSNorm weights stored as
 ``1 + w``; Llama's q/k rows permuted for llama.cpp's interleaved rotary). ``config_from_gguf``
 and ``config_from_hf`` read the shape and hyper-parameters every family shares and apply the row.
-Adding a family is a row plus a parity test, not new model code.
+Adding a family is a row plus a parity test, not new model code. Gemma 4 text (``gemma4_text``
+folders, and the text part of ``gemma4`` multimodal ones) adds its own fields from the config
+(``_gemma4_fields``); its mixture-of-experts variant and GGUF files are refused (see there).
 
 Must not: hold weights or model code; guess silently: an architecture or option it cannot run is
 a ``ModelLoadError`` naming what is supported and the transformers fallback (``--backend hf``).
@@ -51,7 +53,16 @@ FAMILIES = (
     Family("gemma3", ("gemma3",), ("gemma3", "gemma3_text"),
            dict(_GEMMA_ARCH, qk_norm=True, rope_scaling_local=False),
            gguf_norm_plus_one=True, default_sliding="pattern"),
+    # Gemma 4: RMSNorm scales are w itself, q/k norms do the attention scaling (scale 1.0), values
+    # are normed without a scale; no GGUF architecture (refused in family_for_gguf)
+    Family("gemma4", (), ("gemma4", "gemma4_text"),
+           dict(_GEMMA_ARCH, norm_offset=0.0, qk_norm=True, rope_scaling_local=False,
+                attention_scale=1.0, value_norm=True, layer_scalar=True)),
 )
+
+GEMMA4_GGUF_HINT = ("Gemma 4 GGUF files are not supported natively (llama.cpp's gemma4 tensor "
+                    "layout is not mapped here); load the model's Hugging Face folder "
+                    "(safetensors) instead, natively or with --backend hf")
 
 
 def supported() -> str:
@@ -59,6 +70,8 @@ def supported() -> str:
 
 
 def family_for_gguf(arch: object) -> Family:
+    if str(arch).startswith("gemma4"):
+        raise ModelLoadError(GEMMA4_GGUF_HINT)
     for family in FAMILIES:
         if arch in family.gguf_archs:
             return family
@@ -199,7 +212,7 @@ def config_from_hf(raw: dict) -> ModelConfig:
     theta_global = float(global_rope.get("rope_theta") or text.get("rope_theta") or 10_000.0)
     theta_local = float(text.get("rope_local_base_freq") or local_rope.get("rope_theta")
                         or (10_000.0 if family.name == "gemma3" else theta_global))
-    scaling = _hf_scaling(global_rope)
+    scaling = _hf_scaling(global_rope) if family.name != "gemma4" else None
     window = text.get("sliding_window")
     eos = text.get("eos_token_id", raw.get("eos_token_id"))
     eos_ids = tuple(eos) if isinstance(eos, list) else ((int(eos),) if eos is not None else ())
@@ -207,7 +220,11 @@ def config_from_hf(raw: dict) -> ModelConfig:
     arch_fields = dict(family.arch)
     tied_default = raw.get("tie_word_embeddings", family.name.startswith("gemma"))
     arch_fields["tie_word_embeddings"] = bool(text.get("tie_word_embeddings", tied_default))
-    return ModelConfig(
+    shape_fields = {}
+    if family.name == "gemma4":
+        shape_fields = _gemma4_fields(text, layers)
+        window = text.get("sliding_window") or 512
+    fields = dict(
         vocab_size=int(text["vocab_size"]), hidden_size=hidden,
         intermediate_size=int(text["intermediate_size"]), num_layers=layers, num_heads=heads,
         num_kv_heads=int(text.get("num_key_value_heads") or heads), head_dim=head_dim,
@@ -228,4 +245,70 @@ def config_from_hf(raw: dict) -> ModelConfig:
         attn_logit_softcap=float(text.get("attn_logit_softcapping") or 0.0),
         final_logit_softcap=float(text.get("final_logit_softcapping") or 0.0),
         **arch_fields,
+    )
+    fields.update(shape_fields)
+    return ModelConfig(**fields)
+
+
+def _gemma4_fields(text: dict, layers: int) -> dict:
+    """The Gemma 4 text fields of a ``config.json``'s text part (transformers 5.x layout: the
+    global layers' head size and kv heads as ``per_layer_config`` overrides, or the older
+    ``global_head_dim`` / ``num_global_key_value_heads`` keys, with transformers' defaults)."""
+    if text.get("enable_moe_block"):
+        raise ModelLoadError("Gemma 4 mixture-of-experts (enable_moe_block) is not supported "
+                             "natively; " + FALLBACK_HINT)
+    if text.get("use_bidirectional_attention") == "all":
+        raise ModelLoadError("Gemma 4 with bidirectional attention is not supported natively; "
+                             + FALLBACK_HINT)
+    if text.get("attention_bias"):
+        raise ModelLoadError("Gemma 4 with attention biases is not supported natively; "
+                             + FALLBACK_HINT)
+    activation = text.get("hidden_activation") or "gelu_pytorch_tanh"
+    if activation not in ("gelu_pytorch_tanh", "gelu_tanh"):
+        raise ModelLoadError(f"Gemma 4 activation {activation!r} is not supported natively; "
+                             + FALLBACK_HINT)
+    kinds = list(text.get("layer_types") or [
+        "sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(layers)])
+    kinds[-1] = "full_attention"  # as transformers forces
+    layer_types = tuple("sliding" if kind == "sliding_attention" else "global" for kind in kinds)
+    k_eq_v = bool(text.get("attention_k_eq_v", False))
+    global_dim = int(text.get("global_head_dim") or 512)
+    global_kv = int(text.get("num_global_key_value_heads") or 0) if k_eq_v else 0
+    overrides = text.get("per_layer_config")
+    if overrides is not None:
+        by_layer = {int(i): dict(v or {}) for i, v in overrides.items()}
+        sliding = {tuple(sorted(by_layer.get(i, {}).items()))
+                   for i, kind in enumerate(layer_types) if kind == "sliding"}
+        full = {tuple(sorted(by_layer.get(i, {}).items()))
+                for i, kind in enumerate(layer_types) if kind == "global"}
+        keys = {key for entry in full for key, _ in entry}
+        if sliding - {()} or len(full) > 1 or keys - {"head_dim", "num_key_value_heads"}:
+            raise ModelLoadError("Gemma 4 per-layer overrides other than one head size and kv head "
+                                 "count for every global layer are not supported natively; "
+                                 + FALLBACK_HINT)
+        chosen = dict(next(iter(full), ()))
+        global_dim = int(chosen.get("head_dim") or text.get("head_dim") or 256)
+        global_kv = int(chosen.get("num_key_value_heads") or 0)
+    rope = text.get("rope_parameters") or {}
+    full_rope = rope.get("full_attention") or {"rope_type": "proportional",
+                                               "partial_rotary_factor": 0.25}
+    local_rope = rope.get("sliding_attention") or {"rope_type": "default"}
+    full_type = full_rope.get("rope_type", "default")
+    if full_type not in ("default", "proportional") or local_rope.get("rope_type",
+                                                                      "default") != "default":
+        raise ModelLoadError(f"Gemma 4 rope {full_type!r} is not supported natively; "
+                             + FALLBACK_HINT)
+    proportional = full_type == "proportional"
+    return dict(
+        layer_types=layer_types, global_head_dim=global_dim, global_num_kv_heads=global_kv,
+        attention_k_eq_v=k_eq_v,
+        rope_theta_global=float(full_rope.get("rope_theta") or 1_000_000.0),
+        rope_theta_local=float(local_rope.get("rope_theta") or 10_000.0),
+        rope_scaling_factor=float(full_rope.get("factor", 1.0)) if proportional else 1.0,
+        rope_partial_global=float(full_rope.get("partial_rotary_factor", 1.0)) if proportional else 1.0,
+        num_kv_shared_layers=int(text.get("num_kv_shared_layers") or 0),
+        double_wide_mlp=bool(text.get("use_double_wide_mlp", False)),
+        per_layer_input_size=int(text.get("hidden_size_per_layer_input", 256) or 0),
+        per_layer_vocab_size=int(text.get("vocab_size_per_layer_input", 262_144) or 0),
+        query_pre_attn_scalar=1.0,
     )

@@ -214,7 +214,7 @@ def load_hf_folder(folder: Path, with_tensors: bool = True) -> LoadedWeights:
         raise ModelLoadError(f"{folder}: no config.json (expected a Hugging Face model folder)")
     raw = json.loads(config_path.read_text())
     config = hf_config(raw)
-    if not raw.get("_name_or_path"):
+    if not raw.get("_name_or_path"):  # the folder names the model (as for transformers targets)
         config = dataclasses.replace(config, name=folder.name)
     files = sorted(folder.glob("*.safetensors"))
     if not files:
@@ -233,6 +233,9 @@ def load_hf_folder(folder: Path, with_tensors: bool = True) -> LoadedWeights:
         tensors["model.embed_tokens.weight"] = tensors["lm_head.weight"]
     if config.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)
+    if config.layer_scalar and with_tensors:  # checkpoints without them: transformers' ones
+        for i in range(config.num_layers):
+            tensors.setdefault(f"model.layers.{i}.layer_scalar", torch.ones(1))
     if with_tensors:
         _check_tensors(config, tensors, folder)
     return LoadedWeights(config=config, tensors=tensors, source=folder, weights_hash=digest.hexdigest())

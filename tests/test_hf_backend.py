@@ -1,8 +1,8 @@
 """The Hugging Face target backend (``models/hf.py``): any transformers causal LM as a target.
 
 Tiny random Llama, Qwen 3 and Gemma 4 text models saved as folders: ``load_target`` picks the
-backend (Llama, Qwen 3 and Gemma 3 run natively, Gemma 4 through transformers; ``backend="hf"``
-forces transformers), plain greedy decoding on either backend equals transformers' own ``generate``
+backend (Llama, Qwen 3, Gemma 3 and Gemma 4 text run natively; ``backend="hf"`` forces
+transformers), plain greedy decoding on either backend equals transformers' own ``generate``
 token for token, speculative decoding (n-gram and an MTP head reading the wrapped model's KV cache) equals
 plain, batches equal single prompts, and ``mtpspec train --model FOLDER`` trains a drafter the
 engine loads.
@@ -52,8 +52,8 @@ def test_load_target_picks_the_backend(family, tmp_path):
     assert isinstance(target.model, HFModel) and target.weight_format == "hf-fp32"
     assert target.tokenizer is not None and len(target.weights_hash) == 64
     default = load_target(folder, "fp32")
-    native = model.config.model_type in ("llama", "qwen3")
-    assert isinstance(default.model, DecoderModel if native else HFModel)
+    assert isinstance(default.model, DecoderModel)  # every family here has a native model
+    assert default.config.family == model.config.model_type.removesuffix("_text")
     gemma3 = load_target(write_tiny_hf_model(tmp_path / "g3"), "fp32", with_tokenizer=False)
     assert isinstance(gemma3.model, Gemma3Model)  # Gemma 3 folders stay on the fast path
 

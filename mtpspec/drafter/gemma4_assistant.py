@@ -151,17 +151,16 @@ def assistant_config(raw: dict, target, weights_hash: str = "") -> DrafterConfig
 def new_assistant_config(target, weights_hash: str = "", d_draft: int = 256, num_layers: int = 4,
                          num_heads: int = 4, intermediate_size: int = 2048, head: str = "clustered",
                          num_centroids: int = 2048, top_centroids: int = 32) -> DrafterConfig:
-    """The config of a new head in the assistant layout for a Gemma 4 ``target`` (an ``HFModel``).
+    """The config of a new head in the assistant layout for a Gemma 4 ``target`` (native or HF).
 
     It writes the ``config.json`` an assistant of these sizes would have (layers sliding, the last
     global; head sizes, window, rotary and norm eps from the target) and reads it with
     ``assistant_config``, exactly as ``load_assistant`` reads Google's: so a head trained from it
     saves with ``save_assistant`` and loads back, here or in transformers, unchanged."""
-    text = getattr(target, "text_config", None)
-    model_type = str(getattr(text, "model_type", "") or target.config.family)
-    if not model_type.startswith("gemma4"):
+    text = _target_text(target)
+    if not text["model_type"].startswith("gemma4"):
         raise DrafterMismatchError(f"the gemma4-assistant layout needs a Gemma 4 target; "
-                                   f"{target.config.name} is {model_type or 'not one'}")
+                                   f"{target.config.name} is {text['model_type'] or 'not one'}")
     vocab = target.config.vocab_size
     if head not in ("clustered", "full"):
         raise DrafterMismatchError(f"an assistant's LM head is clustered or full, not {head!r}")
@@ -181,10 +180,30 @@ def new_assistant_config(target, weights_hash: str = "", d_draft: int = 256, num
                "head_dim": dim_of.get("sliding_attention", target.config.head_dim),
                "global_head_dim": dim_of.get("full_attention", target.config.head_dim),
                "layer_types": ["sliding_attention"] * (num_layers - 1) + ["full_attention"],
-               "sliding_window": getattr(text, "sliding_window", None),
-               "rms_norm_eps": getattr(text, "rms_norm_eps", None),
-               "rope_parameters": dict(getattr(text, "rope_parameters", None) or {})}}
+               "sliding_window": text["sliding_window"], "rms_norm_eps": text["rms_norm_eps"],
+               "rope_parameters": text["rope_parameters"]}}
     return assistant_config(raw, target, weights_hash)
+
+
+def _target_text(target) -> dict:
+    """What a new assistant copies from its target's text config: model type, window, norm eps,
+    rotary parameters; from transformers' config (an ``HFModel``) or from our ``ModelConfig``."""
+    text = getattr(target, "text_config", None)
+    if text is not None:
+        return {"model_type": str(getattr(text, "model_type", "") or ""),
+                "sliding_window": getattr(text, "sliding_window", None),
+                "rms_norm_eps": getattr(text, "rms_norm_eps", None),
+                "rope_parameters": dict(getattr(text, "rope_parameters", None) or {})}
+    config = target.config
+    if getattr(config, "family", "") != "gemma4":
+        return {"model_type": str(getattr(config, "family", "") or "")}
+    return {"model_type": "gemma4_text", "sliding_window": config.sliding_window,
+            "rms_norm_eps": config.rms_norm_eps,
+            "rope_parameters": {
+                "sliding_attention": {"rope_type": "default", "rope_theta": config.rope_theta_local},
+                "full_attention": {"rope_type": "proportional", "rope_theta": config.rope_theta_global,
+                                   "partial_rotary_factor": config.rope_partial_global,
+                                   "factor": config.rope_scaling_factor}}}
 
 
 def init_own_lm_head(head: MTPHead, target_embedding: torch.Tensor, seed: int = 0) -> None:

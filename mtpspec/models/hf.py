@@ -1,8 +1,9 @@
 """Any Hugging Face causal LM as a target: a thin adapter around a transformers model.
 
-The native Gemma 3 (``models/gemma3.py``) is the fast path; every other architecture transformers
-knows (Llama, Qwen, Mistral, Gemma 4 text, ...) runs through this adapter, with the same interface
-the engine, the proposers and the trainer use:
+The native models (``models/decoder.py``, ``models/gemma3.py``) are the fast path for the families
+of ``families``; every other architecture transformers knows, and any folder with ``--backend hf``
+(Gemma 4 text included), runs through this adapter, with the same interface the engine, the
+proposers and the trainer use:
 
     forward(ids [B, T], positions [B, T], cache, num_logits) -> (logits [B, n, V] | None,
                                                                   hidden [B, T, d] after the final norm)

@@ -89,7 +89,8 @@ class MTPProposer:
 
     def _build_fused(self, weights: str, share_screen: bool) -> fused.FusedDrafter | None:
         on_cpu = all(p.device.type == "cpu" for p in self.head.parameters())
-        if not (on_cpu and self.target.weight_format in FORMATS and fused.available()):
+        if not (on_cpu and self.target.weight_format in FORMATS and fused.available()
+                and self.target.config.uniform_layers):  # Gemma 4 targets: the Python step
             return None
         try:
             return fused.FusedDrafter(self.head, self.target, self.logits.kind, weights, share_screen)
@@ -172,5 +173,7 @@ class MTPProposer:
 
 
 def _fused_cache(cache) -> bool:
-    return (cache.k.device.type == "cpu" and cache.k.dtype == torch.float32
-            and cache.k.is_contiguous())
+    """Whether the C++ step can read ``cache``: one stacked CPU float32 tensor per K and V
+    (per-layer buffers of Gemma 4 targets and ``HFKVCache`` are read by the Python step)."""
+    return (isinstance(cache.k, torch.Tensor) and cache.k.device.type == "cpu"
+            and cache.k.dtype == torch.float32 and cache.k.is_contiguous())
