@@ -30,6 +30,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
@@ -59,6 +60,7 @@ class ServeConfig:
     max_body_bytes: int = 4 << 20   # 413 past it
     body_timeout_s: float = 30.0    # 408 when the body takes longer to arrive
     keep_alive_s: float = 5.0       # an idle keep-alive connection is closed after this
+    header_timeout_s: float = 10.0  # a request's headers must arrive within this (slowloris)
     default_max_tokens: int = 256
     api_key: str | None = None      # None: no auth
     log_requests: bool = False
@@ -87,7 +89,8 @@ class MTPServer:
         self._uvicorn = uvicorn.Server(uvicorn.Config(
             self.app, lifespan="off", log_level="info" if config.log_requests else "warning",
             access_log=config.log_requests, timeout_keep_alive=max(1, int(config.keep_alive_s)),
-            limit_concurrency=config.max_connections, timeout_graceful_shutdown=2))
+            limit_concurrency=config.max_connections, timeout_graceful_shutdown=2,
+            http=_header_deadline(config.header_timeout_s)))
         self._stopped = threading.Event()
         self._running = False
 
@@ -190,6 +193,48 @@ def build_app(server: MTPServer) -> FastAPI:
         return await _generate(server, request, chat=True)
 
     return app
+
+
+def _header_deadline(seconds: float) -> type[H11Protocol]:
+    """uvicorn's h11 protocol plus a deadline for a request's headers: from the connection (or
+    the first byte after a response) until the headers are complete. uvicorn closes idle
+    keep-alive connections itself but waits forever on a client that trickles or never sends
+    its headers."""
+
+    class HeaderDeadline(H11Protocol):
+        _deadline: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            if self.cycle is None or self.cycle.response_complete:
+                self._arm()  # a new request starts: keep the first deadline, do not extend it
+            super().data_received(data)
+            if self.cycle is not None and not self.cycle.response_complete:
+                self._disarm()  # its headers are in
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            if self._deadline is None:
+                self._deadline = self.loop.call_later(seconds, self._late)
+
+        def _disarm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def _late(self) -> None:
+            self._deadline = None
+            if (self.cycle is None or self.cycle.response_complete) and not \
+                    self.transport.is_closing():
+                self.transport.close()
+
+    return HeaderDeadline
 
 
 class _Gate:
