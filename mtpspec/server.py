@@ -275,11 +275,11 @@ async def _read_body(server: MTPServer, request: Request) -> bytes:
     """The body, within the size limit (413) and the time limit (408)."""
     limit = server.config.max_body_bytes
     declared = request.headers.get("content-length")
-    if declared is not None and (not declared.isdigit() or int(declared) > limit):
-        raise APIError(413 if declared.isdigit() else 400,
-                       f"request body of {declared} bytes exceeds {limit}" if declared.isdigit()
-                       else "invalid Content-Length",
-                       code="request_too_large" if declared.isdigit() else "invalid_request")
+    if declared is not None and not declared.isdigit():
+        raise APIError(400, "invalid Content-Length", code="invalid_request")
+    if declared is not None and (len(declared) > 15 or int(declared) > limit):  # unread
+        raise APIError(413, f"request body of {declared} bytes exceeds {limit}",
+                       code="request_too_large")
     parts: list[bytes] = []
     size = 0
 
