@@ -503,3 +503,33 @@ def test_n_choices_and_stop_token_ids(server, target, solo):
     texts = ["".join(e["choices"][0]["text"] for e in events if e["choices"][0]["index"] == i)
              for i in range(2)]
     assert texts == [c["text"] for c in many["choices"][:2]]
+
+
+def test_cli_serve_takes_the_key_from_the_flag_or_the_environment(tmp_path, monkeypatch, capsys):
+    import mtpspec.server as server_module
+    from mtpspec.cli import main
+
+    configs = []
+
+    class Idle:
+        url = "http://127.0.0.1:0"
+
+        def serve_forever(self) -> None:
+            pass
+
+        def server_close(self) -> None:
+            pass
+
+    monkeypatch.setattr(server_module, "start",
+                        lambda engine, name, config: configs.append(config) or Idle())
+    monkeypatch.setenv("MTPSPEC_CACHE", str(tmp_path / "cache"))
+    argv = ["serve", "--model", str(write_tiny_hf_model(tmp_path / "m")), "--spec", "none",
+            "--weights", "fp32"]
+    monkeypatch.setenv("MTPSPEC_API_KEY", "from-env")
+    assert main(argv) == 0 and main(argv + ["--api-key", "from-flag"]) == 0
+    assert [c.api_key for c in configs] == ["from-env", "from-flag"]
+    assert configs[0].host == "127.0.0.1"
+    monkeypatch.setenv("MTPSPEC_API_KEY", " ")
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2 and "API key" in capsys.readouterr().err
