@@ -9,8 +9,8 @@ response bodies are ``openai_api``'s; decoding is a ``BatchSession`` driven by t
 
 The HTTP stack is a kept one (Starlette/FastAPI on uvicorn): one event loop serves every
 connection, so a slow or idle client holds a socket, not a thread. Limits: a body limit (413), a
-deadline to receive the body (408), uvicorn's keep-alive timeout and connection cap (503 past
-it), a cap on requests running or waiting (503 with ``Retry-After``), and with an API key every
+deadline to receive the body (408), a deadline for the headers and one for a client that stops
+reading its answer, uvicorn's keep-alive timeout and connection cap (503 past it), a cap on requests running or waiting (503 with ``Retry-After``), and with an API key every
 ``/v1`` route wants ``Authorization: Bearer KEY`` (401); ``/health`` and ``/metrics`` stay open.
 Parsing and tokenizing run in the thread pool; a client that goes away cancels its generation.
 
@@ -61,6 +61,7 @@ class ServeConfig:
     body_timeout_s: float = 30.0    # 408 when the body takes longer to arrive
     keep_alive_s: float = 5.0       # an idle keep-alive connection is closed after this
     header_timeout_s: float = 10.0  # a request's headers must arrive within this (slowloris)
+    write_timeout_s: float = 60.0   # a client that takes no bytes of its answer this long is cut
     default_max_tokens: int = 256
     api_key: str | None = None      # None: no auth
     log_requests: bool = False
@@ -237,9 +238,14 @@ def _header_deadline(seconds: float) -> type[H11Protocol]:
     return HeaderDeadline
 
 
+class _SlowReader(Exception):
+    """The client took none of its answer within the write timeout."""
+
+
 class _Gate:
-    """ASGI middleware: the API key on ``/v1`` routes (401 before anything is read) and the
-    request counter (by path and status)."""
+    """ASGI middleware: the API key on ``/v1`` routes (401 before anything is read), the
+    request counter (by path and status), and the write timeout: a client that stops reading
+    its answer (a stream backs up into the socket) has its connection closed."""
 
     def __init__(self, app, server: MTPServer):
         self.app, self.server = app, server
@@ -262,8 +268,14 @@ class _Gate:
         async def counted(message) -> None:
             if message["type"] == "http.response.start":
                 self.server.count(path, message["status"])
-            await send(message)
-        await self.app(scope, receive, counted)
+            try:
+                await asyncio.wait_for(send(message), self.server.config.write_timeout_s)
+            except TimeoutError:
+                raise _SlowReader() from None
+        try:
+            await self.app(scope, receive, counted)
+        except* _SlowReader:
+            pass  # the response is unfinished: uvicorn closes the connection
 
 
 def _authorized(header: str, key: str) -> bool:

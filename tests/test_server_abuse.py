@@ -398,6 +398,26 @@ def test_half_closed_connections_free_their_rows(server, solo, monkeypatch):
         solo("hi", 5)
 
 
+def test_a_client_that_stops_reading_is_cut_off(target):
+    with serving(target, write_timeout_s=0.5) as srv:
+        srv.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # accepted ones inherit
+        body = json.dumps({"prompt": "hi", "max_tokens": 200, "temperature": 1.0, "n": 4,
+                           "logprobs": 20, "stream": True}).encode()
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.settimeout(20)
+            sock.connect(srv.server_address)
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n"
+                         b"\r\n%s" % (len(body), body))
+            time.sleep(2.0)  # read nothing for four write timeouts
+            data = b""
+            while part := sock.recv(65536):
+                data += part
+        assert data.startswith(b"HTTP/1.1 200") and b"[DONE]" not in data
+        assert wait_for(lambda: srv.scheduler.pending == 0)
+        assert call(srv, "/health", None, method="GET")[0] == 200
+
+
 def test_health_answers_fast_while_generations_run(server):
     with ThreadPoolExecutor(8) as pool:
         jobs = [pool.submit(call, server, "/v1/completions",
