@@ -320,9 +320,10 @@ def logprobs_body(request: CompletionRequest, tokenizer: Tokenizer,
     if request.chat:
         return {"content": [
             {"token": text(e.token_id), "logprob": e.logprob,
-             "bytes": list(text(e.token_id).encode()),
-             "top_logprobs": [{"token": text(t), "logprob": lp, "bytes": list(text(t).encode())}
-                              for t, lp in e.top]} for e in entries]}
+             "bytes": token_bytes(tokenizer, e.token_id),
+             "top_logprobs": [{"token": text(t), "logprob": lp,
+                               "bytes": token_bytes(tokenizer, t)} for t, lp in e.top]}
+            for e in entries]}
     tokens, offsets, offset = [], [], first_offset
     for entry in entries:
         tokens.append(text(entry.token_id))
@@ -332,6 +333,18 @@ def logprobs_body(request: CompletionRequest, tokenizer: Tokenizer,
             "token_logprobs": [e.logprob for e in entries],
             "top_logprobs": [{text(t): lp for t, lp in e.top} if e.logprob is not None else None
                              for e in entries]}
+
+
+def token_bytes(tokenizer: Tokenizer, token: int) -> list[int]:
+    """A token's own bytes: a byte-fallback piece ``<0xE2>`` is one byte, which decodes alone to
+    U+FFFD; any other token is its text in UTF-8."""
+    piece = tokenizer.id_to_token(token) or ""
+    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        try:
+            return [int(piece[3:5], 16)]
+        except ValueError:
+            pass
+    return list(tokenizer.decode([token]).encode())
 
 
 def completion(request: CompletionRequest, ident: str, model: str,

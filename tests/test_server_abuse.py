@@ -489,6 +489,8 @@ def test_logprobs_under_speculation_equal_the_plain_path(server, plain_server):
     assert [t for t, _ in entries[0]] == [t for t, _ in entries[1]]
     assert [lp for _, lp in entries[0]] == pytest.approx([lp for _, lp in entries[1]], abs=1e-4)
     assert all(len(e["top_logprobs"]) == 2 for e in got[0]["logprobs"]["content"])
+    for entry in got[0]["logprobs"]["content"]:  # a byte-fallback token is its one byte
+        assert entry["bytes"] and (len(entry["bytes"]) == 1 or entry["token"] != "\ufffd")
 
 
 def test_echo_gives_prompt_logprobs_that_match_generation(server, target, solo):
