@@ -28,8 +28,10 @@ the inverse CDF of the target's distribution at the uniform u_t, and point-mass 
 are accepted iff they equal it, so its text is a function of its seed alone: the same alone as
 beside any other requests, whatever the draft lengths.
 
-Errors: an exception while verifying or committing one row fails that row alone (a
-``FailEvent``); only an error in the shared target pass propagates to the caller.
+Errors: with ``isolate_errors`` (the server's scheduler sets it), an exception in one row's own
+work (its prefill batch, verification group, output) fails those rows alone with a ``FailEvent``;
+only an error in the shared target pass propagates. Without it (``Engine.generate``), every
+exception propagates to the caller as it is.
 
 Draft lengths and the batch: a verification pass costs a fixed weight read plus a compute cost
 per row (on a CPU mostly the LM head over the whole vocabulary), so k drafts for each of n rows
@@ -134,6 +136,7 @@ class BatchSession:
         self.live: list[_Sequence] = []      # live[i] owns cache row i
         self.waiting: deque[_Sequence] = deque()
         self._next_id = 0
+        self.isolate_errors = False  # True: a row's own error fails it alone (FailEvent)
         self.steps = 0        # batched target passes after prefill
         self.row_steps = 0    # sum over those passes of the rows they verified
 
@@ -241,6 +244,8 @@ class BatchSession:
             logits = self.model.lm_head(hidden)  # [m, V]
             first = self._select(logits, joining)  # [m]
         except Exception as err:  # noqa: BLE001 - the joiners fail; the live rows go on
+            if not self.isolate_errors:
+                raise
             for seq in joining:
                 events.append(FailEvent(seq.seq_id, f"prefill failed: {type(err).__name__}: {err}"))
             return
@@ -375,12 +380,13 @@ class BatchSession:
         seq.hidden = hidden[row, n]  # [d]
         seq.output.stats.decode_s = now - seq.decode_start
 
-    @staticmethod
-    def _guarded(seq: _Sequence, work) -> None:
-        """Run one sequence's own work; an exception fails that sequence alone."""
+    def _guarded(self, seq: _Sequence, work) -> None:
+        """Run one sequence's own work; an exception fails that sequence alone (if isolating)."""
         try:
             work()
         except Exception as err:  # noqa: BLE001 - isolate the request that raised
+            if not self.isolate_errors:
+                raise
             seq.failed = f"{type(err).__name__}: {err}"
 
     def _draft_len(self, seq: _Sequence) -> int:
@@ -422,6 +428,8 @@ class BatchSession:
                 result = self._verify_group(group, rows, index, logits, target, tokens, probs,
                                             counts)
             except Exception as err:  # noqa: BLE001 - these rows fail, the others go on
+                if not self.isolate_errors:
+                    raise
                 for row in rows:
                     self.live[row].failed = f"verification failed: {type(err).__name__}: {err}"
                 continue

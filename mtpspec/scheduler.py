@@ -57,6 +57,7 @@ class Scheduler:
 
     def __init__(self, session: BatchSession, max_waiting: int = 256, watchdog_s: float = 0.5):
         self.session = session
+        session.isolate_errors = True  # one request's error fails that request alone
         self.max_waiting = max_waiting
         self.watchdog_s = watchdog_s
         self.metrics = ServeMetrics(self._gauges)
