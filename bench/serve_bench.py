@@ -1,12 +1,14 @@
-"""Serving throughput: total tokens/s at 1, 4 and 8 concurrent clients, speculative vs plain.
+"""Serving load: throughput and latency at 1, 4, 8 and 16 concurrent clients, speculative vs plain.
 
 Starts ``mtpspec serve`` processes on loopback with the same model: plain (``--spec none``),
 speculative (``--spec mtp`` by default), and speculative with ``--max-verify-rows N`` (drafting
 that shrinks as the batch fills), and drives each with C concurrent clients sending greedy
-``/v1/completions`` requests (MT-bench first turns framed as ``Question: ...\\nAnswer:``). The
-servers take turns at every concurrency level, in one run, so the ratios are what to read on a
-noisy shared machine. Greedy outputs must equal the plain server's at 1 client (batching and
-speculation are lossless); mismatches are counted and reported.
+``/v1/completions`` requests (MT-bench first turns framed as ``Question: ...\\nAnswer:``), streamed
+so that each client times its own first token (TTFT) and the mean time per output token after it
+(TPOT). The servers take turns at every concurrency level, in one run, so the ratios are what to
+read on a noisy shared machine. Greedy outputs must equal the plain server's at 1 client (batching
+and speculation are lossless); mismatches are counted and reported, and so are failed requests
+(any non-200 answer or broken stream), which must be 0.
 
 Prints a table for people and, last, one JSON line for machines.
 
@@ -45,6 +47,9 @@ class Level:
     draft_n: int
     draft_n_accepted: int
     texts: list[str]
+    ttft_s: list[float]     # per request
+    tpot_s: list[float]     # per request with more than one token
+    errors: int
 
     @property
     def tokens_per_s(self) -> float:
@@ -85,11 +90,44 @@ def start_server(args, spec: str, verify_rows: int = 0) -> tuple[subprocess.Pope
 
 
 def complete(url: str, prompt: str, max_tokens: int) -> dict:
-    body = json.dumps({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0}).encode()
+    """One streamed greedy completion: text, usage, TTFT and TPOT (s), or ``error``."""
+    body = json.dumps({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+                       "stream": True, "stream_options": {"include_usage": True}}).encode()
     request = urllib.request.Request(url + "/v1/completions", data=body, method="POST",
                                      headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=600) as response:
-        return json.loads(response.read())
+    start = time.perf_counter()
+    first, text, usage = None, [], None
+    try:
+        with urllib.request.urlopen(request, timeout=600) as response:
+            for line in response:
+                if not line.startswith(b"data: {"):
+                    continue
+                event = json.loads(line[6:])
+                if "error" in event:
+                    return {"error": event["error"]["message"]}
+                if event.get("usage"):
+                    usage = event["usage"]
+                for choice in event["choices"]:
+                    if choice["text"]:
+                        first = first if first is not None else time.perf_counter()
+                        text.append(choice["text"])
+    except (urllib.error.URLError, ConnectionError, TimeoutError, ValueError) as err:
+        return {"error": f"{type(err).__name__}: {err}"}
+    end = time.perf_counter()
+    if usage is None:
+        return {"error": "the stream ended without usage"}
+    first = first if first is not None else end
+    tokens = usage["completion_tokens"]
+    return {"text": "".join(text), "usage": usage, "ttft": first - start,
+            "tpot": (end - first) / (tokens - 1) if tokens > 1 else None}
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-quantile (0..1) by nearest rank; 0.0 for no values."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered) + 0.5) - 1))]
 
 
 def scrape(url: str) -> dict[str, float]:
@@ -108,13 +146,17 @@ def measure(url: str, prompts: list[str], clients: int, max_tokens: int) -> Leve
     wall = time.perf_counter() - start
     after = scrape(url)
     delta = {name: after[name] - before.get(name, 0.0) for name in after}
-    usages = [a["usage"] for a in answers]
+    good = [a for a in answers if "error" not in a]
+    usages = [a["usage"] for a in good]
     return Level(tokens=sum(u["completion_tokens"] for u in usages), wall_s=wall,
                  steps=int(delta["mtpspec_verification_steps_total"]),
                  generated=int(delta["mtpspec_verified_tokens_total"]),
                  draft_n=sum(u["draft_n"] for u in usages),
                  draft_n_accepted=sum(u["draft_n_accepted"] for u in usages),
-                 texts=[a["choices"][0]["text"] for a in answers])
+                 texts=[a.get("text") for a in answers],
+                 ttft_s=[a["ttft"] for a in good],
+                 tpot_s=[a["tpot"] for a in good if a["tpot"] is not None],
+                 errors=len(answers) - len(good))
 
 
 def main() -> int:
@@ -126,7 +168,7 @@ def main() -> int:
     parser.add_argument("--verify-rows", type=int, default=16,
                         help="also run a speculative server with --max-verify-rows N (0: don't)")
     parser.add_argument("--prompts", type=Path, default=ROOT / "docs" / "mtbench16.jsonl")
-    parser.add_argument("--concurrency", default="1,4,8")
+    parser.add_argument("--concurrency", default="1,4,8,16")
     parser.add_argument("--requests", type=int, default=16, help="requests per level")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--max-batch-size", type=int, default=8)
@@ -179,16 +221,22 @@ def main() -> int:
                 "acceptance": round(level.draft_n_accepted / level.draft_n, 4)
                 if level.draft_n else 0.0,
                 "mismatches_vs_plain_c1": sum(a != b for a, b in zip(level.texts, base.texts)),
+                "ttft_p50_ms": round(1000 * percentile(level.ttft_s, 0.5), 1),
+                "ttft_p99_ms": round(1000 * percentile(level.ttft_s, 0.99), 1),
+                "tpot_p50_ms": round(1000 * percentile(level.tpot_s, 0.5), 1),
+                "tpot_p99_ms": round(1000 * percentile(level.tpot_s, 0.99), 1),
+                "errors": level.errors,
             })
     print(f"\nmtpspec serve: {args.weights}, {args.max_tokens} new tokens, {len(prompts)} requests "
           f"per level, greedy, spec = {args.spec} k={args.draft_k}, max batch {args.max_batch_size}")
-    print("| clients | server | total tok/s | vs plain (same clients) | vs plain 1 client | tau "
-          "| acceptance | mismatches |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| clients | server | total tok/s | vs plain (same clients) | TTFT p50 / p99 ms "
+          "| TPOT p50 / p99 ms | tau | acceptance | mismatches | errors |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['clients']} | {r['server']} | {r['tok_s']:.1f} | {r['vs_plain']:.2f}x | "
-              f"{r['vs_plain_c1']:.2f}x | {r['tau']:.2f} | {r['acceptance']:.1%} | "
-              f"{r['mismatches_vs_plain_c1']} |")
+              f"{r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f} | "
+              f"{r['tpot_p50_ms']:.1f} / {r['tpot_p99_ms']:.1f} | {r['tau']:.2f} | "
+              f"{r['acceptance']:.1%} | {r['mismatches_vs_plain_c1']} | {r['errors']} |")
     doc = {"bench": "serve", "weights": args.weights, "spec": args.spec, "draft_k": args.draft_k,
            "verify_rows": args.verify_rows, "max_tokens": args.max_tokens,
            "requests": len(prompts), "max_batch_size": args.max_batch_size,

@@ -11,9 +11,9 @@ One ``step``:
 2. draft for every live row at once: ``k_b`` tokens for row b (its own draft length, adaptive or
    fixed, never past its remaining budget), padded to the widest row;
 3. ONE target pass over ``[pending, d_1..d_w]`` for all rows at their own positions;
-4. verify each row on its own terms: greedy rows by argmax match, sampled rows by rejection
-   sampling with their own generator (rows that share a generator, as ``Engine.generate``'s
-   batch does, are verified together);
+4. verify each row on its own terms: greedy rows by argmax match; sampled rows that share a
+   generator (``Engine.generate``'s batch) by rejection sampling with it; sampled rows added
+   without one (a server request) by ``coupled_verify`` with their own per-position uniforms;
 5. commit ``n_b + 1`` tokens per row (stops applied token by token) and move its position.
 
 Sampled rows and the proposer: a proposer sees one ``SamplingParams``. When every live row shares
@@ -21,6 +21,17 @@ one sampling group (the same params and generator), drafts are drawn from the pr
 those params, as for a single request. When rows differ, the proposer drafts greedily for all of
 them and sampled rows verify those drafts as point masses (q = one-hot), which is lossless for any
 draft chosen independently of the verifier's randomness; it only accepts less often.
+
+Seeds under load: a sequence added without a generator gets its own, seeded from its options,
+from which it draws one uniform per output position, in order. Its token at output position t is
+the inverse CDF of the target's distribution at the uniform u_t, and point-mass (greedy) drafts
+are accepted iff they equal it, so its text is a function of its seed alone: the same alone as
+beside any other requests, whatever the draft lengths.
+
+Errors: with ``isolate_errors`` (the server's scheduler sets it), an exception in one row's own
+work (its prefill batch, verification group, output) fails those rows alone with a ``FailEvent``;
+only an error in the shared target pass propagates. Without it (``Engine.generate``), every
+exception propagates to the caller as it is.
 
 Draft lengths and the batch: a verification pass costs a fixed weight read plus a compute cost
 per row (on a CPU mostly the LM head over the whole vocabulary), so k drafts for each of n rows
@@ -46,16 +57,18 @@ import torch
 from mtpspec.kv_cache import CacheFullError
 from mtpspec.models.base import TargetModel
 from mtpspec.proposers.base import Draft, DraftState, Proposer, empty_draft
-from mtpspec.sampling import SamplingParams, logits_to_probs, make_generator, sample
-from mtpspec.sequence import (AdaptiveDraftLength, FinishEvent, GenerateOptions, SequenceOutput,
-                              TokenEvent)
+from mtpspec.sampling import SamplingParams, inverse_cdf, logits_to_probs, make_generator, sample
+from mtpspec.sequence import (AdaptiveDraftLength, FailEvent, FinishEvent, GenerateOptions,
+                              SequenceOutput, TokenEvent, TokenLogprob)
 from mtpspec.tokenizer import Tokenizer
-from mtpspec.verify import greedy_verify_argmax, rejection_verify
+from mtpspec.verify import coupled_verify, greedy_verify_argmax, rejection_verify
 
 PREFILL_CHUNK = 512
+LOGPROB_CHUNK = 64  # prompt positions per LM-head call for prompt logprobs
+UNIFORM_BLOCK = 64  # uniforms drawn at once for a coupled sequence
 GREEDY = SamplingParams()
 
-Event = TokenEvent | FinishEvent
+Event = TokenEvent | FinishEvent | FailEvent
 
 
 @dataclass
@@ -73,13 +86,35 @@ class _Sequence:
     pending: int = 0                    # emitted, not yet in the cache
     hidden: torch.Tensor | None = None  # [d] the target's state that predicted ``pending``
     decode_start: float = 0.0
+    coupled: bool = False               # per-position uniforms from its own generator
+    uniforms: torch.Tensor | None = None  # [N] float64: u_t of output positions t < N
+    failed: str | None = None           # why this sequence failed; it leaves at the next retire
 
     @property
     def group(self) -> Hashable:
         """Rows with equal groups are verified (and may be drafted) together."""
         if self.options.sampling.greedy:
             return "greedy"
+        if self.coupled:
+            return ("coupled", self.options.sampling)
         return (self.options.sampling, id(self.generator))
+
+    @property
+    def produced(self) -> int:
+        """Output positions decided so far (the pending token included)."""
+        return len(self.history) - len(self.prompt)
+
+    def uniform(self, start: int, count: int) -> torch.Tensor:
+        """u_t for output positions start..start+count-1 ``[count]``: the generator's draws in
+        order, so a function of the seed and t only."""
+        needed = start + count
+        have = 0 if self.uniforms is None else len(self.uniforms)
+        if needed > have:
+            blocks = -(-(needed - have) // UNIFORM_BLOCK)
+            more = torch.rand(blocks * UNIFORM_BLOCK, generator=self.generator,
+                              dtype=torch.float64)
+            self.uniforms = more if self.uniforms is None else torch.cat([self.uniforms, more])
+        return self.uniforms[start:needed]
 
 
 class BatchSession:
@@ -101,6 +136,7 @@ class BatchSession:
         self.live: list[_Sequence] = []      # live[i] owns cache row i
         self.waiting: deque[_Sequence] = deque()
         self._next_id = 0
+        self.isolate_errors = False  # True: a row's own error fails it alone (FailEvent)
         self.steps = 0        # batched target passes after prefill
         self.row_steps = 0    # sum over those passes of the rows they verified
 
@@ -133,8 +169,10 @@ class BatchSession:
         """Queue a sequence; it joins at the next ``step`` with a free row. Returns its id.
 
         ``generator``: for sampled options, a generator to share with other sequences (one
-        random stream for a batch); None makes one from ``options.sampling.seed``."""
+        random stream for a batch, rejection sampling); None makes the sequence's own from
+        ``options.sampling.seed`` and samples by per-position uniforms (see the docstring)."""
         self.check(prompt, options)
+        coupled = generator is None and not options.sampling.greedy
         if generator is None:
             generator = make_generator(options.sampling)
         k = options.draft_k if self.proposer is not None else 0
@@ -142,7 +180,7 @@ class BatchSession:
             seq_id=self._next_id, prompt=list(prompt), options=options, generator=generator,
             output=SequenceOutput(self.tokenizer, options, self.model.config.eos_token_ids),
             schedule=AdaptiveDraftLength(k) if options.adaptive_k and k > 0 else None,
-            history=list(prompt))
+            history=list(prompt), coupled=coupled)
         self._next_id += 1
         self.waiting.append(seq)
         return seq.seq_id
@@ -158,6 +196,13 @@ class BatchSession:
                 self._remove_rows([row])
                 return True
         return False
+
+    def clear(self) -> list[int]:
+        """Drop every waiting and live sequence (after an engine failure); returns their ids."""
+        ids = [seq.seq_id for seq in self.waiting] + [seq.seq_id for seq in self.live]
+        self.waiting.clear()
+        self.live.clear()
+        return ids
 
     @property
     def idle(self) -> bool:
@@ -194,9 +239,16 @@ class BatchSession:
             self.proposer.reset()  # stateful proposers (a draft model's cache) resynchronise
         start = time.perf_counter()
         first_row = len(self.live)
-        hidden = self._prefill([seq.prompt for seq in joining], first_row)  # [m, d]
-        logits = self.model.lm_head(hidden)  # [m, V]
-        first = self._select(logits, joining)  # [m]
+        try:
+            hidden = self._prefill(joining, first_row)  # [m, d]
+            logits = self.model.lm_head(hidden)  # [m, V]
+            first = self._select(logits, joining)  # [m]
+        except Exception as err:  # noqa: BLE001 - the joiners fail; the live rows go on
+            if not self.isolate_errors:
+                raise
+            for seq in joining:
+                events.append(FailEvent(seq.seq_id, f"prefill failed: {type(err).__name__}: {err}"))
+            return
         now = time.perf_counter()
         self.live.extend(joining)
         for j, seq in enumerate(joining):
@@ -205,12 +257,16 @@ class BatchSession:
             seq.output.stats.prompt_tokens = len(seq.prompt)
             seq.output.stats.prefill_s = now - start
             seq.decode_start = now
-            self._emit(seq, seq.pending, False, events)
+            self._guarded(seq, lambda seq=seq, j=j: self._emit(
+                seq, seq.pending, False, events, _logprob(logits[j], seq.pending,
+                                                          seq.options.logprobs)))
         self._retire(events)
 
-    def _prefill(self, prompts: list[list[int]], first_row: int) -> torch.Tensor:
-        """Prefill ``prompts`` into cache rows first_row.. (right-padded; pad slots are
-        overwritten before they are read); returns each prompt's last hidden state [m, d]."""
+    def _prefill(self, seqs: list[_Sequence], first_row: int) -> torch.Tensor:
+        """Prefill the prompts of ``seqs`` into cache rows first_row.. (right-padded; pad slots
+        are overwritten before they are read); returns each prompt's last hidden state [m, d].
+        Sequences that ask for prompt logprobs get them here."""
+        prompts = [seq.prompt for seq in seqs]
         model, batch = self.model, len(prompts)
         lengths = torch.tensor([len(p) for p in prompts])  # [m]
         longest = int(lengths.max())
@@ -224,6 +280,9 @@ class BatchSession:
             end = min(begin + PREFILL_CHUNK, longest)
             positions = torch.arange(begin, end).expand(batch, -1)
             _, hidden = model(ids[:, begin:end], positions, cache, num_logits=0)  # [m, T, d]
+            for b, seq in enumerate(seqs):
+                if seq.options.prompt_logprobs is not None and begin < len(seq.prompt):
+                    self._prompt_logprobs(seq, hidden[b, :len(seq.prompt) - begin], begin)
             inside = (lengths - 1 >= begin) & (lengths - 1 < end)
             for b in torch.nonzero(inside).flatten().tolist():
                 last_hidden[b] = hidden[b, int(lengths[b]) - 1 - begin]
@@ -234,8 +293,22 @@ class BatchSession:
                 self.cache.v[:, row, :, :len(prompt)] = cache.v[:, b, :, :len(prompt)]
         return last_hidden
 
+    def _prompt_logprobs(self, seq: _Sequence, hidden: torch.Tensor, begin: int) -> None:
+        """Logprobs of prompt tokens begin+1.. from the hidden states [T, d] of positions
+        begin..begin+T-1 (position i predicts token i+1)."""
+        if seq.output.prompt_logprobs is None:
+            seq.output.prompt_logprobs = [None]  # the first token has no context
+        for lo in range(0, hidden.shape[0], LOGPROB_CHUNK):
+            logits = self.model.lm_head(hidden[lo:lo + LOGPROB_CHUNK])  # [t, V]
+            for i in range(logits.shape[0]):
+                nxt = begin + lo + i + 1
+                if nxt < len(seq.prompt):
+                    seq.output.prompt_logprobs.append(
+                        _logprob(logits[i], seq.prompt[nxt], seq.options.prompt_logprobs))
+
     def _select(self, logits: torch.Tensor, seqs: list[_Sequence]) -> torch.Tensor:
-        """First token per sequence from logits [m, V]: argmax, or a sample with its generator."""
+        """First token per sequence from logits [m, V]: argmax, or a sample (with the shared
+        generator, or by the sequence's own uniform for output position 0)."""
         tokens = logits.argmax(dim=-1)  # [m]
         for group, rows in _groups(seqs).items():
             if group == "greedy":
@@ -243,7 +316,11 @@ class BatchSession:
             seq = seqs[rows[0]]
             index = torch.tensor(rows)
             probs = logits_to_probs(logits[index], seq.options.sampling)  # [g, V]
-            tokens[index] = sample(probs, seq.generator)
+            if seq.coupled:
+                u = torch.cat([seqs[r].uniform(0, 1) for r in rows])  # [g]
+                tokens[index] = inverse_cdf(probs, u)
+            else:
+                tokens[index] = sample(probs, seq.generator)
         return tokens
 
     def _decode(self, events: list[Event]) -> None:
@@ -263,7 +340,8 @@ class BatchSession:
         pending = torch.tensor([seq.pending for seq in live])  # [n]
         ids = torch.cat([pending[:, None], tokens], dim=1)  # [n, w+1]
         block = positions[:, None] + torch.arange(width + 1)  # [n, w+1]
-        if all(seq.options.sampling.greedy for seq in live):  # the argmax is all greedy rows need
+        if all(seq.options.sampling.greedy and seq.options.logprobs is None for seq in live):
+            # the argmax is all greedy rows need
             _, hidden = self.model(ids, block, self.cache, num_logits=0)  # [n, w+1, d]
             logits, target = None, self.model.greedy_tokens(hidden)  # [n, w+1]
         else:
@@ -275,20 +353,41 @@ class BatchSession:
 
         now = time.perf_counter()
         for row in range(len(live)):
-            seq, n, drafted = live[row], int(accepted[row]), int(counts[row])
-            seq.output.stats.record_step(drafted, n, n + 1)
-            if seq.schedule is not None:
-                seq.schedule.update(drafted, n)
-            for i in range(n + 1):
-                self._emit(seq, int(emitted[row, i]), i < n, events)
-                if seq.output.finish is not None:
-                    break
-            seq.history.extend(int(t) for t in emitted[row, :n + 1])
-            seq.position += n + 1
-            seq.pending = int(emitted[row, n])
-            seq.hidden = hidden[row, n]  # [d]
-            seq.output.stats.decode_s = now - seq.decode_start
+            seq = live[row]
+            if seq.failed is None:
+                self._guarded(seq, lambda: self._commit(seq, row, emitted, accepted, counts,
+                                                        logits, hidden, now, events))
         self._retire(events)
+
+    def _commit(self, seq: _Sequence, row: int, emitted: torch.Tensor, accepted: torch.Tensor,
+                counts: torch.Tensor, logits: torch.Tensor | None, hidden: torch.Tensor,
+                now: float, events: list[Event]) -> None:
+        """Emit row ``row``'s n + 1 tokens and move it on (emitted [n, w+1], logits [n, w+1, V])."""
+        n, drafted = int(accepted[row]), int(counts[row])
+        seq.output.stats.record_step(drafted, n, n + 1)
+        if seq.schedule is not None:
+            seq.schedule.update(drafted, n)
+        for i in range(n + 1):
+            token = int(emitted[row, i])
+            logprob = (_logprob(logits[row, i], token, seq.options.logprobs)
+                       if logits is not None else None)
+            self._emit(seq, token, i < n, events, logprob)
+            if seq.output.finish is not None:
+                break
+        seq.history.extend(int(t) for t in emitted[row, :n + 1])
+        seq.position += n + 1
+        seq.pending = int(emitted[row, n])
+        seq.hidden = hidden[row, n]  # [d]
+        seq.output.stats.decode_s = now - seq.decode_start
+
+    def _guarded(self, seq: _Sequence, work) -> None:
+        """Run one sequence's own work; an exception fails that sequence alone (if isolating)."""
+        try:
+            work()
+        except Exception as err:  # noqa: BLE001 - isolate the request that raised
+            if not self.isolate_errors:
+                raise
+            seq.failed = f"{type(err).__name__}: {err}"
 
     def _draft_len(self, seq: _Sequence) -> int:
         """Drafts for this row's next step: its (adaptive) k, never past what it may still emit."""
@@ -304,7 +403,7 @@ class BatchSession:
         if k == 0:
             return empty_draft(len(live)), False
         groups = {seq.group for seq in live}
-        shared = len(groups) == 1
+        shared = len(groups) == 1 and not live[0].coupled  # coupled rows take point masses
         params, generator = ((live[0].options.sampling, live[0].generator) if shared
                              else (GREEDY, None))
         state = DraftState(
@@ -325,39 +424,75 @@ class BatchSession:
         accepted = torch.zeros(batch, dtype=torch.long)
         for group, rows in _groups(self.live).items():
             index = torch.tensor(rows) if len(rows) < batch else slice(None)
-            if group == "greedy":
-                best = target[index] if target is not None else logits[index].argmax(dim=-1)
-                result = greedy_verify_argmax(best, tokens[index], counts[index])
-            else:
-                seq = self.live[rows[0]]
-                p = logits_to_probs(logits[index], seq.options.sampling)  # [g, w+1, V]
-                q = probs[index] if probs is not None else None
-                result = rejection_verify(p, tokens[index], q, seq.generator, counts[index])
+            try:
+                result = self._verify_group(group, rows, index, logits, target, tokens, probs,
+                                            counts)
+            except Exception as err:  # noqa: BLE001 - these rows fail, the others go on
+                if not self.isolate_errors:
+                    raise
+                for row in rows:
+                    self.live[row].failed = f"verification failed: {type(err).__name__}: {err}"
+                continue
             emitted[index] = result.tokens
             accepted[index] = result.num_accepted
         return emitted, accepted
 
+    def _verify_group(self, group: Hashable, rows: list[int], index, logits: torch.Tensor | None,
+                      target: torch.Tensor | None, tokens: torch.Tensor,
+                      probs: torch.Tensor | None, counts: torch.Tensor):
+        """One sampling group's verification (see ``_verify`` for the shapes)."""
+        if group == "greedy":
+            best = target[index] if target is not None else logits[index].argmax(dim=-1)
+            return greedy_verify_argmax(best, tokens[index], counts[index])
+        seq = self.live[rows[0]]
+        p = logits_to_probs(logits[index], seq.options.sampling)  # [g, w+1, V]
+        if seq.coupled:
+            width = tokens.shape[1] + 1
+            u = torch.stack([self.live[r].uniform(self.live[r].produced, width)
+                             for r in rows])  # [g, w+1]
+            return coupled_verify(p, tokens[index], u, counts[index])
+        q = probs[index] if probs is not None else None
+        return rejection_verify(p, tokens[index], q, seq.generator, counts[index])
+
     # --- output --------------------------------------------------------------------------------
 
     @staticmethod
-    def _emit(seq: _Sequence, token: int, from_draft: bool, events: list[Event]) -> None:
+    def _emit(seq: _Sequence, token: int, from_draft: bool, events: list[Event],
+              logprob: TokenLogprob | None = None) -> None:
         if seq.output.finish is not None:
             return
-        text = seq.output.push(token, from_draft)
+        text = seq.output.push(token, from_draft, logprob)
         if text is not None:
-            events.append(TokenEvent(seq.seq_id, token, from_draft, text))
+            events.append(TokenEvent(seq.seq_id, token, from_draft, text, logprob))
 
     def _retire(self, events: list[Event]) -> None:
-        """Finished sequences release their held text, report, and leave the batch."""
-        done = [row for row, seq in enumerate(self.live) if seq.output.finish is not None]
+        """Finished or failed sequences report and leave the batch (finished ones release their
+        held text first)."""
+        done = [row for row, seq in enumerate(self.live)
+                if seq.output.finish is not None or seq.failed is not None]
         for row in done:
             seq = self.live[row]
+            if seq.failed is not None:
+                events.append(FailEvent(seq.seq_id, seq.failed))
+                continue
             text = seq.output.close()
             if text:
                 events.append(TokenEvent(seq.seq_id, -1, False, text))
             events.append(FinishEvent(seq.seq_id, seq.output.result()))
         if done:
             self._remove_rows(done)
+
+
+def _logprob(logits: torch.Tensor, token: int, top: int | None) -> TokenLogprob | None:
+    """``token``'s log-probability under raw logits [V] and the ``top`` likeliest (None: off)."""
+    if top is None:
+        return None
+    logprobs = torch.log_softmax(logits.float(), dim=-1)  # [V]
+    best = ()
+    if top > 0:
+        values, ids = torch.topk(logprobs, top)
+        best = tuple(zip(ids.tolist(), values.tolist()))
+    return TokenLogprob(token, float(logprobs[token]), best)
 
 
 def _groups(seqs: list[_Sequence]) -> dict[Hashable, list[int]]:

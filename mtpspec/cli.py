@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -125,6 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
                             "as the batch fills and stops at 4+ sequences: on 2 CPU cores a pass "
                             "costs the same for 3-6 rows and ~1.6x that for 7-8 "
                             "(docs/serve-bench-rows6.txt; default %(default)s; 0: no cap)")
+    serve.add_argument("--api-key", default=None,
+                       help="require 'Authorization: Bearer KEY' on /v1 routes (default: the "
+                            "MTPSPEC_API_KEY environment variable; unset: no key)")
+    serve.add_argument("--max-waiting", type=int, default=256,
+                       help="requests waiting for a batch row; past it a 503 (default %(default)s)")
+    serve.add_argument("--max-connections", type=int, default=512,
+                       help="open connections; past it a 503 (default %(default)s)")
     serve.add_argument("--log-requests", action="store_true", help="log every request on stderr")
     serve.set_defaults(handler=cmd_serve)
 
@@ -388,6 +396,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError(f"--max-verify-rows must be >= 0, got {args.max_verify_rows}")
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be in 0..65535, got {args.port}")
+    if args.max_waiting < 0 or args.max_connections < 1:
+        raise UsageError("--max-waiting must be >= 0 and --max-connections >= 1")
+    api_key = args.api_key if args.api_key is not None else os.environ.get("MTPSPEC_API_KEY")
+    if api_key is not None and not api_key.strip():
+        raise UsageError("the API key must not be empty")
     configure_threads()
     target = load_target(args.model, args.weights, backend=args.backend)
     built = make_proposer(args.spec, target, _proposer_request(args))
@@ -397,7 +410,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = ServeConfig(host=args.host, port=args.port, max_batch_size=args.max_batch_size,
                          draft_k=args.draft_k if built.proposer is not None else 0,
                          max_verify_rows=args.max_verify_rows or None,
-                         spec=built.spec, log_requests=args.log_requests)
+                         spec=built.spec, log_requests=args.log_requests, api_key=api_key,
+                         max_waiting=args.max_waiting, max_connections=args.max_connections)
     try:
         server = start(engine, target.name, config)
     except OSError as err:

@@ -1,32 +1,49 @@
 """The OpenAI wire format: request checking and response bodies, with no HTTP and no engine.
 
-``parse_request`` turns the JSON body of ``/v1/completions`` or ``/v1/chat/completions`` into a
-``CompletionRequest`` (token ids + ``GenerateOptions``) or raises ``APIError`` with the status and
+``parse_body`` reads a JSON body (bounded nesting: a body of 100,000 ``[`` is a 400, not a
+crash); ``parse_request`` checks it against pydantic models of ``/v1/completions`` and
+``/v1/chat/completions`` (strict types, ranges, ``extra="forbid"``) and turns it into a
+``CompletionRequest`` (token ids + ``GenerateOptions``), or raises ``APIError`` with the status and
 the OpenAI-style error body (``{"error": {"message", "type", "param", "code"}}``) the client gets.
-The other functions build the response objects: a whole completion, stream chunks, and ``usage``
-(prompt/completion/total tokens plus the request's speculative counters: ``draft_n``,
-``draft_n_accepted``, ``mean_acceptance_length``, ``acceptance_per_position``).
+A field the server does not implement is refused with a 400 naming it, never ignored; OpenAI
+fields that change nothing at their neutral value (``frequency_penalty: 0``, ``logit_bias: {}``,
+``response_format: {"type": "text"}``) are accepted at that value only.
+
+The other functions build the response objects: a whole completion, stream chunks, logprobs in
+OpenAI's two shapes (completions: ``tokens``/``token_logprobs``/``top_logprobs``/``text_offset``;
+chat: ``content`` entries), and ``usage`` (prompt/completion/total tokens plus the speculative
+counters ``draft_n``, ``draft_n_accepted``, ``mean_acceptance_length``, ``acceptance_per_position``).
 """
 from __future__ import annotations
 
-import json
-import math
+import dataclasses
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Annotated, Any, Literal
 
-from mtpspec.sampling import SamplingParams
-from mtpspec.sequence import GenerateOptions, GenerationResult
+import pydantic_core
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from mtpspec.sampling import GREEDY_BELOW, SamplingParams
+from mtpspec.sequence import MAX_LOGPROBS, GenerateOptions, GenerationResult
 from mtpspec.tokenizer import NoChatTemplateError, Tokenizer
 
 MAX_STOP_STRINGS = 4
+MAX_STOP_CHARS = 1024       # per stop string
+MAX_STOP_TOKEN_IDS = 64
+MAX_N = 8                   # choices per request
+MAX_MESSAGES = 1024
+SEED_RANGE = (-(1 << 63), 1 << 64)  # what clients send (int64 or uint64); folded for the generator
 ROLES = ("system", "developer", "user", "assistant", "tool")
-# fields we do not implement: accepted only at their "off" values
-UNSUPPORTED = {"logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False),
-               "best_of": (None, 1), "suffix": (None, ""), "logit_bias": (None, {}),
-               "tools": (None, []), "functions": (None, []),
-               "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0)}
+# OpenAI fields this server does not implement, accepted only at a value that changes nothing
+NEUTRAL = {"frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "logit_bias": ({},),
+           "best_of": (1,), "suffix": ("",), "tools": ([],), "functions": ([],),
+           "tool_choice": ("none",), "response_format": ({"type": "text"},),
+           "parallel_tool_calls": (False,)}
+
+Number = Annotated[float, Field(allow_inf_nan=False)]
 
 
 class APIError(Exception):
@@ -41,6 +58,72 @@ class APIError(Exception):
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param,
                           "code": self.code}}
+
+
+# --- request models ---------------------------------------------------------------------------
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool | None = None
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class Message(_Strict):
+    role: Literal[ROLES]  # type: ignore[valid-type]
+    content: str | list[TextPart]
+    name: str | None = None
+
+
+class _Common(_Strict):
+    """Fields both endpoints take."""
+
+    model: str | None = None
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    temperature: Annotated[Number, Field(ge=0.0, le=2.0)] | None = None
+    top_p: Annotated[Number, Field(gt=0.0, le=1.0)] | None = None
+    top_k: Annotated[int, Field(ge=0)] | None = None  # vLLM's extension; 0 turns it off
+    seed: Annotated[int, Field(ge=SEED_RANGE[0], lt=SEED_RANGE[1])] | None = None
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)] | None = None
+    stop_token_ids: Annotated[list[int], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
+    n: Annotated[int, Field(ge=1, le=MAX_N)] | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    user: Annotated[str, Field(max_length=256)] | None = None
+    # accepted at their neutral values only (NEUTRAL)
+    frequency_penalty: Number | None = None
+    presence_penalty: Number | None = None
+    logit_bias: dict[str, Number] | None = None
+    response_format: dict[str, Any] | None = None
+
+
+class CompletionBody(_Common):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    echo: bool | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+
+class ChatBody(_Common):
+    messages: Annotated[list[Message], Field(min_length=1, max_length=MAX_MESSAGES)]
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    tools: list[Any] | None = None
+    functions: list[Any] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+
+
+_FIELDS = frozenset(name for model in (CompletionBody, ChatBody, Message, TextPart, StreamOptions)
+                    for name in model.model_fields)
 
 
 @dataclass(frozen=True)
@@ -62,12 +145,24 @@ class CompletionRequest:
     options: GenerateOptions
     stream: bool
     include_usage: bool
+    n: int = 1
+    echo: bool = False            # completions: the prompt (and its logprobs) before the text
+    logprobs: int | None = None   # None: off; else alternatives per token
+
+    def choice_options(self, index: int) -> GenerateOptions:
+        """Options of choice ``index``: a seeded request's choice i uses seed + i."""
+        sampling = self.options.sampling
+        if index == 0 or sampling.seed is None:
+            return self.options
+        return dataclasses.replace(
+            self.options, sampling=dataclasses.replace(sampling, seed=sampling.seed + index))
 
 
 def parse_body(raw: bytes) -> dict:
+    """The JSON object of a request body (nesting is bounded by the parser)."""
     try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        body = pydantic_core.from_json(raw)
+    except ValueError as err:
         raise APIError(400, f"the request body is not valid JSON: {err}", code="invalid_json") from None
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object", code="invalid_json")
@@ -75,24 +170,29 @@ def parse_body(raw: bytes) -> dict:
 
 
 def parse_request(body: dict, chat: bool, model: ServedModel) -> CompletionRequest:
-    """Check every field we read; raise ``APIError`` (400/404) naming the first bad one."""
+    """Check every field; raise ``APIError`` (400/404) naming the first bad one."""
     name = body.get("model")
-    if name is not None and name != model.name:
+    if isinstance(name, str) and name != model.name:
         raise APIError(404, f"The model {name!r} does not exist; this server serves {model.name!r}",
                        param="model", code="model_not_found")
-    for field_name, off in UNSUPPORTED.items():
-        if body.get(field_name) not in off:
-            raise APIError(400, f"{field_name} is not supported by this server", param=field_name,
+    try:
+        request = (ChatBody if chat else CompletionBody).model_validate(body)
+    except ValidationError as err:
+        raise _validation_error(err) from None
+    for field_name, neutral in NEUTRAL.items():
+        value = getattr(request, field_name, None)
+        if value is not None and value not in neutral:
+            raise APIError(400, f"{field_name} is not supported by this server (only "
+                                f"{' or '.join(repr(v) for v in neutral)})", param=field_name,
                            code="unsupported_parameter")
-    n = _integer(body, "n", 1, 1)
-    if n != 1:
-        raise APIError(400, f"n must be 1 (one choice per request), got {n}", param="n")
-    stream = _boolean(body, "stream", False)
-    stream_options = body.get("stream_options")
-    if stream_options is not None and not isinstance(stream_options, dict):
-        raise APIError(400, "stream_options must be an object", param="stream_options")
-    include_usage = _boolean(stream_options or {}, "include_usage", False, "stream_options.include_usage")
-    prompt_ids = _chat_prompt(body, model) if chat else _text_prompt(body, model)
+    prompt_ids = _chat_prompt(request, model) if chat else _text_prompt(request, model)
+    vocab = model.tokenizer.vocab_size
+    stop_ids = tuple(request.stop_token_ids or ())
+    if any(not 0 <= t < vocab for t in stop_ids):
+        raise APIError(400, f"stop_token_ids must lie in 0..{vocab - 1}", param="stop_token_ids")
+    stops = (request.stop,) if isinstance(request.stop, str) else tuple(request.stop or ())
+    if any(not 0 < len(s) <= MAX_STOP_CHARS for s in stops):
+        raise APIError(400, f"stop strings must hold 1..{MAX_STOP_CHARS} characters", param="stop")
 
     room = model.max_new_tokens_for(len(prompt_ids))
     if room < 1:
@@ -100,9 +200,9 @@ def parse_request(body: dict, chat: bool, model: ServedModel) -> CompletionReque
                             f"({model.draft_k + 1} of them reserved for drafting); the prompt has "
                             f"{len(prompt_ids)} tokens, which leaves no room for new tokens",
                        param="messages" if chat else "prompt", code="context_length_exceeded")
-    key = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None \
-        else "max_tokens"
-    max_tokens = _integer(body, key, None, 1)
+    key, max_tokens = "max_tokens", request.max_tokens
+    if chat and request.max_completion_tokens is not None:
+        key, max_tokens = "max_completion_tokens", request.max_completion_tokens
     if max_tokens is not None and max_tokens > room:
         raise APIError(400, f"This model's maximum context length is {model.context} tokens; you "
                             f"requested {len(prompt_ids) + max_tokens + model.draft_k + 1} "
@@ -110,102 +210,80 @@ def parse_request(body: dict, chat: bool, model: ServedModel) -> CompletionReque
                             f"{model.draft_k + 1} reserved for drafting); reduce the prompt or "
                             f"{key} (at most {room} here)", param=key,
                        code="context_length_exceeded")
+    temperature = 1.0 if request.temperature is None else request.temperature
     sampling = SamplingParams(
-        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
-        top_p=_number(body, "top_p", 1.0, 0.0, 1.0, open_low=True),
-        top_k=_integer(body, "top_k", 0, 0),
-        seed=_integer(body, "seed", None, None))
+        temperature=0.0 if temperature < GREEDY_BELOW else temperature,  # vLLM's rule
+        top_p=1.0 if request.top_p is None else request.top_p,
+        top_k=request.top_k or 0, seed=request.seed)
+    n = request.n or 1
+    if n > 1 and sampling.greedy:
+        raise APIError(400, "n > 1 needs sampling (temperature > 0): greedy choices are equal",
+                       param="n")
+    if chat:
+        logprobs = (request.top_logprobs or 0) if request.logprobs else None
+        if request.top_logprobs and not request.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        echo = False
+    else:
+        logprobs, echo = request.logprobs, bool(request.echo)
+    stream = bool(request.stream)
+    if echo and stream:
+        raise APIError(400, "echo is not supported with stream", param="echo")
     options = GenerateOptions(
         max_new_tokens=max_tokens if max_tokens is not None else min(room, model.default_max_tokens),
-        sampling=sampling, stop=_stop(body), draft_k=model.draft_k,
-        stop_token_ids=tuple(model.tokenizer.eos_ids))
-    return CompletionRequest(chat, prompt_ids, options, stream, include_usage)
+        sampling=sampling, stop=stops, draft_k=model.draft_k,
+        stop_token_ids=tuple(model.tokenizer.eos_ids) + stop_ids, logprobs=logprobs,
+        prompt_logprobs=logprobs if echo else None)
+    include_usage = bool(request.stream_options and request.stream_options.include_usage)
+    return CompletionRequest(chat, prompt_ids, options, stream, include_usage, n, echo, logprobs)
 
 
-def _boolean(body: dict, key: str, default: bool, param: str | None = None) -> bool:
-    value = body.get(key, default)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise APIError(400, f"{param or key} must be a boolean, got {value!r}", param=param or key)
-    return value
+def _validation_error(err: ValidationError) -> APIError:
+    """The first problem pydantic found, as a 400 naming the field."""
+    errors = err.errors(include_url=False)
+    extra = [str(e["loc"][-1]) for e in errors if e["type"] == "extra_forbidden"]
+    if extra:
+        return APIError(400, f"unsupported parameter(s): {', '.join(extra)}; this server does "
+                             f"not implement them", param=extra[0], code="unsupported_parameter")
+    first = errors[0]
+    param = ""
+    for part in first["loc"]:  # stop at pydantic's union tags ("str", "list[int]", ...)
+        if isinstance(part, int):
+            param += f"[{part}]"
+        elif part in _FIELDS:
+            param += f".{part}" if param else part
+        else:
+            break
+    missing = first["type"] == "missing"
+    message = f"{param or 'body'}: {first['msg']}"
+    if not missing and "input" in first and len(repr(first["input"])) <= 80:
+        message += f", got {first['input']!r}"
+    return APIError(400, message, param=param or None,
+                    code="missing_required_parameter" if missing else "invalid_value")
 
 
-def _integer(body: dict, key: str, default, low: int | None) -> int | None:
-    value = body.get(key)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise APIError(400, f"{key} must be an integer, got {value!r}", param=key)
-    if low is not None and value < low:
-        raise APIError(400, f"{key} must be >= {low}, got {value}", param=key)
-    return value
-
-
-def _number(body: dict, key: str, default: float, low: float, high: float,
-            open_low: bool = False) -> float:
-    value = body.get(key)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise APIError(400, f"{key} must be a number, got {value!r}", param=key)
-    if value > high or value < low or (open_low and value == low):
-        interval = f"{'(' if open_low else '['}{low:g}, {high:g}]"
-        raise APIError(400, f"{key} must be in {interval}, got {value!r}", param=key)
-    return float(value)
-
-
-def _stop(body: dict) -> tuple[str, ...]:
-    stop = body.get("stop")
-    if stop is None:
-        return ()
-    stops = [stop] if isinstance(stop, str) else stop
-    if (not isinstance(stops, list) or len(stops) > MAX_STOP_STRINGS
-            or any(not isinstance(s, str) or not s for s in stops)):
-        raise APIError(400, f"stop must be a non-empty string or a list of up to "
-                            f"{MAX_STOP_STRINGS} non-empty strings", param="stop")
-    return tuple(stops)
-
-
-def _text_prompt(body: dict, model: ServedModel) -> list[int]:
-    prompt = body.get("prompt")
+def _text_prompt(request: CompletionBody, model: ServedModel) -> list[int]:
+    prompt = request.prompt
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one
     if isinstance(prompt, str):
         if not prompt:
             raise APIError(400, "prompt must not be empty", param="prompt")
         return model.tokenizer.encode(prompt)
-    if isinstance(prompt, list) and prompt and all(
-            isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+    if prompt and all(isinstance(t, int) for t in prompt):
         vocab = model.tokenizer.vocab_size
         if any(not 0 <= t < vocab for t in prompt):
             raise APIError(400, f"prompt token ids must lie in 0..{vocab - 1}", param="prompt")
         return list(prompt)
-    if prompt is None:
-        raise APIError(400, "you must provide a prompt", param="prompt", code="missing_required_parameter")
-    raise APIError(400, "prompt must be a string, a list of token ids, or a list with one of "
-                        "those (one prompt per request)", param="prompt")
+    raise APIError(400, "prompt must be a non-empty string, a list of token ids, or a list with "
+                        "one of those (one prompt per request)", param="prompt")
 
 
-def _chat_prompt(body: dict, model: ServedModel) -> list[int]:
-    messages = body.get("messages")
-    if messages is None:
-        raise APIError(400, "you must provide messages", param="messages",
-                       code="missing_required_parameter")
-    if not isinstance(messages, list) or not messages:
-        raise APIError(400, "messages must be a non-empty list", param="messages")
-    rendered_messages = []
-    for i, message in enumerate(messages):
-        where = f"messages[{i}]"
-        if not isinstance(message, dict):
-            raise APIError(400, f"{where} must be an object", param=where)
-        role = message.get("role")
-        if role not in ROLES:
-            raise APIError(400, f"{where}.role must be one of {', '.join(ROLES)}, got {role!r}",
-                           param=f"{where}.role")
-        rendered_messages.append({"role": role, "content": _content(message.get("content"), where)})
+def _chat_prompt(request: ChatBody, model: ServedModel) -> list[int]:
+    messages = [{"role": m.role, "content": m.content if isinstance(m.content, str)
+                 else "".join(part.text for part in m.content)} for m in request.messages]
     try:
-        text = model.tokenizer.apply_chat_template(rendered_messages)
+        text = model.tokenizer.apply_chat_template(messages)
     except NoChatTemplateError as err:
         raise APIError(400, f"{err} Use /v1/completions with a prompt.", param="messages",
                        code="no_chat_template") from None
@@ -214,26 +292,17 @@ def _chat_prompt(body: dict, model: ServedModel) -> list[int]:
     return model.tokenizer.encode(text, add_bos=False)  # the template writes the bos token
 
 
-def _content(content, where: str) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list) and all(
-            isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-            for p in content):
-        return "".join(p["text"] for p in content)
-    raise APIError(400, f"{where}.content must be a string or a list of text parts",
-                   param=f"{where}.content")
-
-
 # --- responses -------------------------------------------------------------------------------------
 
 def new_id(chat: bool) -> str:
     return f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
 
 
-def usage(prompt_tokens: int, result: GenerationResult) -> dict:
-    stats = result.stats
-    completion = len(result.token_ids)
+def usage(prompt_tokens: int, results: list[GenerationResult]) -> dict:
+    stats = results[0].stats
+    for result in results[1:]:
+        stats = stats.merge(result.stats)
+    completion = sum(len(result.token_ids) for result in results)
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
             "total_tokens": prompt_tokens + completion,
             "draft_n": stats.draft_proposed, "draft_n_accepted": stats.draft_accepted,
@@ -241,33 +310,94 @@ def usage(prompt_tokens: int, result: GenerationResult) -> dict:
             "acceptance_per_position": [round(x, 4) for x in stats.acceptance_per_position]}
 
 
-def completion(request: CompletionRequest, ident: str, model: str, result: GenerationResult) -> dict:
+def logprobs_body(request: CompletionRequest, tokenizer: Tokenizer,
+                  entries: list, first_offset: int = 0) -> dict | None:
+    """``choices[i].logprobs`` for ``entries`` (``TokenLogprob``s; an echoed prompt's first
+    token has logprob None)."""
+    if request.logprobs is None:
+        return None
+    text = lambda token: tokenizer.decode([token])  # noqa: E731
     if request.chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": result.text},
-                  "logprobs": None, "finish_reason": result.finish_reason}
-    else:
-        choice = {"index": 0, "text": result.text, "logprobs": None,
-                  "finish_reason": result.finish_reason}
+        return {"content": [
+            {"token": text(e.token_id), "logprob": e.logprob,
+             "bytes": token_bytes(tokenizer, e.token_id),
+             "top_logprobs": [{"token": text(t), "logprob": lp,
+                               "bytes": token_bytes(tokenizer, t)} for t, lp in e.top]}
+            for e in entries]}
+    tokens, offsets, offset = [], [], first_offset
+    for entry in entries:
+        tokens.append(text(entry.token_id))
+        offsets.append(offset)
+        offset += len(tokens[-1])
+    return {"tokens": tokens, "text_offset": offsets,
+            "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{text(t): lp for t, lp in e.top} if e.logprob is not None else None
+                             for e in entries]}
+
+
+def token_bytes(tokenizer: Tokenizer, token: int) -> list[int]:
+    """A token's own bytes: a byte-fallback piece ``<0xE2>`` is one byte, which decodes alone to
+    U+FFFD; any other token is its text in UTF-8."""
+    piece = tokenizer.id_to_token(token) or ""
+    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        try:
+            return [int(piece[3:5], 16)]
+        except ValueError:
+            pass
+    return list(tokenizer.decode([token]).encode())
+
+
+def completion(request: CompletionRequest, ident: str, model: str,
+               results: list[GenerationResult], tokenizer: Tokenizer) -> dict:
+    choices = []
+    for index, result in enumerate(results):
+        entries: list = list(result.logprobs or [])
+        text = result.text
+        if request.echo:
+            text = tokenizer.decode(request.prompt_ids) + text
+            if request.logprobs is not None:
+                prompt_entries = result.prompt_logprobs or []
+                entries = [_NoContext(request.prompt_ids[0])] + prompt_entries[1:] + entries
+        logprobs = logprobs_body(request, tokenizer, entries)
+        if request.chat:
+            choices.append({"index": index, "message": {"role": "assistant", "content": text},
+                            "logprobs": logprobs, "finish_reason": result.finish_reason})
+        else:
+            choices.append({"index": index, "text": text, "logprobs": logprobs,
+                            "finish_reason": result.finish_reason})
     return {"id": ident, "object": "chat.completion" if request.chat else "text_completion",
-            "created": int(time.time()), "model": model, "choices": [choice],
-            "usage": usage(len(request.prompt_ids), result)}
+            "created": int(time.time()), "model": model, "choices": choices,
+            "usage": usage(len(request.prompt_ids), results)}
+
+
+@dataclass(frozen=True)
+class _NoContext:
+    """The prompt's first token: a token string but no logprob."""
+
+    token_id: int
+    logprob: None = None
+    top: tuple = ()
 
 
 def chunk(request: CompletionRequest, ident: str, model: str, text: str | None,
-          finish_reason: str | None = None, first: bool = False) -> dict:
+          finish_reason: str | None = None, first: bool = False, index: int = 0,
+          logprobs: dict | None = None) -> dict:
     """One stream chunk: new text, or (text None) the closing chunk with its finish reason."""
     if request.chat:
         delta = {} if text is None else {"content": text}
         if first:
             delta = {"role": "assistant", "content": ""}
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": index, "delta": delta, "logprobs": logprobs,
+                  "finish_reason": finish_reason}
     else:
-        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": index, "text": text or "", "logprobs": logprobs,
+                  "finish_reason": finish_reason}
     return {"id": ident, "object": "chat.completion.chunk" if request.chat else "text_completion",
             "created": int(time.time()), "model": model, "choices": [choice]}
 
 
-def usage_chunk(request: CompletionRequest, ident: str, model: str, result: GenerationResult) -> dict:
+def usage_chunk(request: CompletionRequest, ident: str, model: str,
+                results: list[GenerationResult]) -> dict:
     return {"id": ident, "object": "chat.completion.chunk" if request.chat else "text_completion",
             "created": int(time.time()), "model": model, "choices": [],
-            "usage": usage(len(request.prompt_ids), result)}
+            "usage": usage(len(request.prompt_ids), results)}

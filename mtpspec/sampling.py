@@ -19,11 +19,15 @@ import torch
 from torch import Tensor
 
 
+GREEDY_BELOW = 1e-5  # temperatures below this decode greedily
+SEED_MODULUS = 1 << 63  # seeds are folded into [0, 2^63), what torch.Generator takes
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to turn logits into a next-token distribution."""
 
-    temperature: float = 0.0  # 0 means greedy (argmax); otherwise logits are divided by it
+    temperature: float = 0.0  # below GREEDY_BELOW means greedy (argmax); else logits / it
     top_k: int = 0  # keep only the k most likely tokens; 0 turns it off
     top_p: float = 1.0  # nucleus: smallest set with cumulative prob >= top_p; 1.0 turns it off
     seed: int | None = None  # seed for make_generator; None draws one from os.urandom
@@ -49,22 +53,24 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        """Whether decoding is deterministic argmax (temperature 0)."""
-        return self.temperature == 0.0
+        """Whether decoding is deterministic argmax: temperature 0, or so small (< GREEDY_BELOW)
+        that ``logits / T`` would overflow (vLLM's rule)."""
+        return self.temperature < GREEDY_BELOW
 
 
 def make_generator(params: SamplingParams) -> torch.Generator | None:
     """A seeded CPU generator for ``params``, or None for greedy params (nothing is random).
 
-    With ``params.seed is None`` the seed is drawn from ``os.urandom``, so runs differ.
+    With ``params.seed is None`` the seed is drawn from ``os.urandom``, so runs differ. Any int
+    seed is accepted: it is folded into [0, 2^63) (negative and huge seeds included).
     """
     if params.greedy:
         return None
     seed = params.seed
     if seed is None:
-        seed = int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1)
+        seed = int.from_bytes(os.urandom(8), "little")
     generator = torch.Generator(device="cpu")
-    generator.manual_seed(seed)
+    generator.manual_seed(seed % SEED_MODULUS)
     return generator
 
 
@@ -130,10 +136,19 @@ def sample(probs: Tensor, generator: torch.Generator | None) -> Tensor:
     Inverse transform: the first token whose cumulative mass (float64) exceeds u * total, with
     u ~ U[0, 1) from ``generator``; a token of zero probability is never drawn. (torch.multinomial
     does the same job ~20x slower on a 262k vocabulary.)"""
+    rows = probs.numel() // probs.shape[-1]
+    u = torch.rand(rows, generator=generator, dtype=torch.float64)  # [B]
+    return inverse_cdf(probs, u.view(probs.shape[:-1]))
+
+
+def inverse_cdf(probs: Tensor, u: Tensor) -> Tensor:
+    """The token each row's uniform picks: probs ``[..., V]`` (need not be normalised) and u
+    ``[...]`` in [0, 1) -> ids ``[...]``: the first token whose cumulative mass (float64)
+    exceeds u * total; a token of zero probability is never picked."""
     flat = probs.reshape(-1, probs.shape[-1]).double()  # [B, V]
     cdf = torch.cumsum(flat, dim=-1)  # [B, V]
-    u = torch.rand(flat.shape[0], 1, generator=generator, dtype=torch.float64) * cdf[:, -1:]
-    tokens = torch.searchsorted(cdf, u, right=True).clamp_(max=flat.shape[-1] - 1)  # [B, 1]
+    scaled = u.reshape(-1, 1).double() * cdf[:, -1:]  # [B, 1]
+    tokens = torch.searchsorted(cdf, scaled, right=True).clamp_(max=flat.shape[-1] - 1)  # [B, 1]
     empty = flat.gather(1, tokens)[:, 0] <= 0  # u * total rounded up to total: rare
     for row in torch.nonzero(empty).flatten().tolist():  # the last token with mass instead
         tokens[row, 0] = int(torch.nonzero(flat[row] > 0).max())

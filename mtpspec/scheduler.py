@@ -1,138 +1,75 @@
-"""One background thread that owns a ``BatchSession``; request threads submit work and read events.
+"""One background thread that owns a ``BatchSession``; request handlers submit work and get events.
 
-The server's HTTP handlers run in many threads; the engine (model, caches, proposer) must be
-driven by exactly one. ``Scheduler.submit`` checks a request (in the caller's thread, so errors
-reach the client at once) and hands it to the engine thread through a queue; the engine thread
-admits it at the next step boundary and puts each ``TokenEvent``/``FinishEvent`` of that sequence
-on the request's own ``Ticket.events`` queue. ``cancel`` (a client went away) frees the row
-before the next step. ``ServeMetrics`` keeps the counters ``/metrics`` reports.
+The server's HTTP layer runs on an event loop and a thread pool; the engine (model, caches,
+proposer) must be driven by exactly one thread. ``Scheduler.submit`` checks a request (in the
+caller's thread, so errors reach the client at once) and hands it to the engine thread through a
+queue; the engine thread admits it at the next step boundary and passes each ``TokenEvent`` /
+``FinishEvent`` of that sequence (or an ``EngineFailure``) to the ticket's ``deliver`` callback.
+``cancel`` (a client went away) frees the row before the next step.
 
-Must not: touch the session from any other thread, or block the engine thread on a client.
+Failures: an error in one request's own work (admission, verification, output) fails that
+request alone; an error in the shared target pass fails the requests in flight and the thread
+serves on; if the thread dies anyway, ``alive`` turns False (``/health`` answers 503) and the
+watchdog restarts it with an empty batch.
+
+Must not: touch the session from any other thread while the engine thread lives, or block the
+engine thread on a client.
 """
 from __future__ import annotations
 
 import queue
 import threading
+import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from mtpspec.batch import BatchSession
-from mtpspec.metrics import SpecStats
-from mtpspec.sequence import FinishEvent, GenerateOptions, GenerationResult
+from mtpspec.sequence import FailEvent, FinishEvent, GenerateOptions, TokenEvent
+from mtpspec.server_metrics import ServeMetrics
 
 
 class ServerBusyError(RuntimeError):
-    """Too many requests are waiting for a batch row."""
+    """Too many requests are running or waiting for a batch row."""
 
 
 @dataclass
 class EngineFailure:
-    """The engine thread hit an error while this request was in the batch."""
+    """The engine failed this request (its own error, or the shared pass's)."""
 
     message: str
 
 
 @dataclass
 class Ticket:
-    """A submitted request: the prompt, its options, and the queue its events arrive on."""
+    """A submitted request: the prompt, its options, and where its events go."""
 
     prompt: list[int]
     options: GenerateOptions
-    events: queue.Queue = field(default_factory=queue.Queue)  # TokenEvent | FinishEvent | EngineFailure
+    deliver: Callable[[object], None]  # TokenEvent | FinishEvent | EngineFailure; any thread
+    submitted: float = field(default_factory=time.perf_counter)
+    first_token: float | None = None
     seq_id: int | None = None  # set by the engine thread when the session accepts it
 
 
-class ServeMetrics:
-    """Counters for ``/metrics`` (Prometheus text format), safe to update from any thread."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.requests: dict[tuple[str, int], int] = {}  # (endpoint, status) -> count
-        self.stats = SpecStats()        # summed over finished sequences
-        self.completion_tokens = 0
-        self.finished = 0
-        self.cancelled = 0
-
-    def count_request(self, endpoint: str, status: int) -> None:
-        with self._lock:
-            key = (endpoint, status)
-            self.requests[key] = self.requests.get(key, 0) + 1
-
-    def count_finished(self, result: GenerationResult) -> None:
-        with self._lock:
-            self.stats = self.stats.merge(result.stats)
-            self.completion_tokens += len(result.token_ids)
-            self.finished += 1
-
-    def count_cancelled(self) -> None:
-        with self._lock:
-            self.cancelled += 1
-
-    def render(self, extra: dict[str, tuple[str, str, float]]) -> str:
-        """Prometheus text exposition; ``extra`` adds name -> (kind, help, value) from the caller."""
-        lines: list[str] = []
-
-        def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
-            lines.append(f"# HELP mtpspec_{name} {help_}")
-            lines.append(f"# TYPE mtpspec_{name} {kind}")
-            for labels, value in samples:
-                number = f"{value:.6g}" if isinstance(value, float) else str(value)
-                lines.append(f"mtpspec_{name}{labels} {number}")
-
-        with self._lock:
-            stats = self.stats
-            metric("requests_total", "counter", "HTTP requests answered, by endpoint and status.",
-                   [(f'{{endpoint="{e}",status="{s}"}}', n)
-                    for (e, s), n in sorted(self.requests.items())])
-            metric("sequences_finished_total", "counter", "Generations that ran to a stop.",
-                   [("", self.finished)])
-            metric("sequences_cancelled_total", "counter",
-                   "Generations stopped because the client went away.", [("", self.cancelled)])
-            metric("prompt_tokens_total", "counter", "Prompt tokens of finished generations.",
-                   [("", stats.prompt_tokens)])
-            metric("generation_tokens_total", "counter", "Tokens returned to clients.",
-                   [("", self.completion_tokens)])
-            metric("verification_steps_total", "counter",
-                   "Target verification steps, summed over sequences (tau's denominator).",
-                   [("", stats.steps)])
-            metric("verified_tokens_total", "counter",
-                   "Tokens produced by verification steps (accepted drafts + bonus).",
-                   [("", stats.generated)])
-            metric("draft_tokens_proposed_total", "counter", "Draft tokens sent to verification.",
-                   [("", stats.draft_proposed)])
-            metric("draft_tokens_accepted_total", "counter", "Draft tokens accepted.",
-                   [("", stats.draft_accepted)])
-            metric("draft_tokens_proposed_at_position_total", "counter",
-                   "Draft tokens proposed at each draft position (1-based).",
-                   [(f'{{position="{i + 1}"}}', n) for i, n in enumerate(stats.proposed_at)])
-            metric("draft_tokens_accepted_at_position_total", "counter",
-                   "Draft tokens accepted at each draft position (1-based).",
-                   [(f'{{position="{i + 1}"}}', n) for i, n in enumerate(stats.accepted_at)])
-            metric("acceptance_rate_at_position", "gauge",
-                   "Accepted / proposed draft tokens at each draft position.",
-                   [(f'{{position="{i + 1}"}}', float(rate))
-                    for i, rate in enumerate(stats.acceptance_per_position)])
-            metric("mean_acceptance_length", "gauge",
-                   "Tokens per verification step, bonus token included (tau).",
-                   [("", float(stats.tau))])
-        for name, (kind, help_, value) in extra.items():
-            metric(name, kind, help_, [("", value)])
-        return "\n".join(lines) + "\n"
-
-
 class Scheduler:
-    """Drives ``session`` from one daemon thread; see the module docstring."""
+    """Drives ``session`` from one daemon thread, watched by another; see the module docstring."""
 
-    def __init__(self, session: BatchSession, max_waiting: int = 256):
+    def __init__(self, session: BatchSession, max_waiting: int = 256, watchdog_s: float = 0.5):
         self.session = session
+        session.isolate_errors = True  # one request's error fails that request alone
         self.max_waiting = max_waiting
-        self.metrics = ServeMetrics()
+        self.watchdog_s = watchdog_s
+        self.metrics = ServeMetrics(self._gauges)
+        self.restarts = 0
         self._inbox: queue.Queue = queue.Queue()  # ("add" | "cancel", Ticket) or ("stop", None)
         self._tickets: dict[int, Ticket] = {}  # seq_id -> ticket, engine thread only
-        self._pending = 0  # submitted, not yet finished or cancelled
+        self._pending = 0  # submitted, not yet finished, failed or cancelled
         self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._run, name="mtpspec-engine", daemon=True)
-        self._thread.start()
+        self._closed = threading.Event()
+        self._thread = self._start_engine()
+        self._watchdog = threading.Thread(target=self._watch, name="mtpspec-watchdog", daemon=True)
+        self._watchdog.start()
 
     @property
     def running(self) -> int:
@@ -142,7 +79,17 @@ class Scheduler:
     def waiting(self) -> int:
         return len(self.session.waiting)
 
-    def submit(self, prompt: list[int], options: GenerateOptions) -> Ticket:
+    @property
+    def alive(self) -> bool:
+        """Whether the engine thread is serving (False from its death to its restart)."""
+        return self._thread.is_alive()
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    def submit(self, prompt: list[int], options: GenerateOptions,
+               deliver: Callable[[object], None]) -> Ticket:
         """Check and queue a request (raises ValueError, CacheFullError or ServerBusyError)."""
         self.session.check(prompt, options)
         with self._lock:
@@ -150,7 +97,7 @@ class Scheduler:
                 raise ServerBusyError(
                     f"{self._pending} requests are already running or waiting; try again later")
             self._pending += 1
-        ticket = Ticket(list(prompt), options)
+        ticket = Ticket(list(prompt), options, deliver)
         self._inbox.put(("add", ticket))
         return ticket
 
@@ -159,8 +106,46 @@ class Scheduler:
         self._inbox.put(("cancel", ticket))
 
     def close(self, timeout: float = 5.0) -> None:
+        self._closed.set()
         self._inbox.put(("stop", None))
         self._thread.join(timeout)
+
+    def _gauges(self) -> dict[str, tuple[str, str, float]]:
+        session = self.session
+        return {
+            "requests_running": ("gauge", "Sequences in the batch now.", self.running),
+            "requests_waiting": ("gauge", "Sequences waiting for a batch row.", self.waiting),
+            "batch_steps_total": ("counter", "Batched target passes after prefill.", session.steps),
+            "batch_rows_total": ("counter", "Rows summed over batched target passes (divided by "
+                                 "batch_steps_total: the mean batch size).", session.row_steps),
+            "max_batch_size": ("gauge", "Sequences decoded together at most.",
+                               session.max_batch_size),
+            "engine_alive": ("gauge", "1 while the engine thread serves.", float(self.alive)),
+            "engine_restarts_total": ("counter", "Engine threads restarted by the watchdog.",
+                                      self.restarts),
+        }
+
+    # --- the watchdog ------------------------------------------------------------------------
+
+    def _start_engine(self) -> threading.Thread:
+        thread = threading.Thread(target=self._run, name="mtpspec-engine", daemon=True)
+        thread.start()
+        return thread
+
+    def _watch(self) -> None:
+        """Restart a dead engine thread once it has been seen dead on two checks in a row (so
+        ``/health`` reports the death for at least one period)."""
+        seen_dead = False
+        while not self._closed.wait(self.watchdog_s):
+            if self._thread.is_alive():
+                seen_dead = False
+            elif not seen_dead:
+                seen_dead = True
+            else:
+                seen_dead = False
+                self._fail_all("the engine thread died; it has been restarted")
+                self.restarts += 1
+                self._thread = self._start_engine()
 
     # --- the engine thread -------------------------------------------------------------------
 
@@ -184,7 +169,13 @@ class Scheduler:
 
     def _apply(self, kind: str, ticket: Ticket) -> None:
         if kind == "add":
-            ticket.seq_id = self.session.add(ticket.prompt, ticket.options)
+            try:
+                ticket.seq_id = self.session.add(ticket.prompt, ticket.options)
+            except Exception as err:  # noqa: BLE001 - this request fails, the others go on
+                self._send(ticket, EngineFailure(f"{type(err).__name__}: {err}"))
+                self.metrics.count_failed()
+                self._release()
+                return
             self._tickets[ticket.seq_id] = ticket
         elif ticket.seq_id is not None and self._tickets.pop(ticket.seq_id, None) is not None:
             self.session.cancel(ticket.seq_id)
@@ -198,23 +189,44 @@ class Scheduler:
             traceback.print_exc()
             self._fail_all(f"generation failed: {type(err).__name__}: {err}")
             return
+        now = time.perf_counter()
         for event in events:
             ticket = self._tickets.get(event.row)
             if ticket is None:
                 continue
-            ticket.events.put(event)
-            if isinstance(event, FinishEvent):
-                del self._tickets[event.row]
-                self.metrics.count_finished(event.result)
-                self._release()
+            if isinstance(event, TokenEvent):
+                if ticket.first_token is None:
+                    ticket.first_token = now
+                self._send(ticket, event)
+                continue
+            del self._tickets[event.row]
+            self._release()
+            if isinstance(event, FailEvent):
+                self.metrics.count_failed()
+                self._send(ticket, EngineFailure(event.message))
+            elif isinstance(event, FinishEvent):
+                first = ticket.first_token if ticket.first_token is not None else now
+                self.metrics.count_finished(event.result, first - ticket.submitted,
+                                            now - ticket.submitted)
+                self._send(ticket, event)
+
+    @staticmethod
+    def _send(ticket: Ticket, event: object) -> None:
+        """Hand an event to the request's handler; a handler that cannot take it is gone."""
+        try:
+            ticket.deliver(event)
+        except RuntimeError:  # its event loop has closed (the server is stopping)
+            pass
 
     def _fail_all(self, message: str) -> None:
         """Tell every request in flight that it failed, and start over with an empty batch."""
-        for seq_id, ticket in list(self._tickets.items()):
-            self.session.cancel(seq_id)
-            ticket.events.put(EngineFailure(message))
-            self._release()
+        tickets = list(self._tickets.values())
         self._tickets.clear()
+        self.session.clear()
+        for ticket in tickets:
+            self.metrics.count_failed()
+            self._send(ticket, EngineFailure(message))
+            self._release()
 
     def _release(self) -> None:
         with self._lock:

@@ -2,7 +2,10 @@
 
 ``GenerateOptions`` is a request's decoding settings; ``SequenceOutput`` turns accepted tokens into
 released text (streaming detokenization, stop strings held back until they cannot match, EOS and
-length stops applied token by token); ``TokenEvent``/``FinishEvent`` are what the decode loop emits.
+length stops applied token by token); ``TokenEvent``/``FinishEvent``/``FailEvent`` are what the
+decode loop emits. Stop strings are matched in time linear in the text (one Knuth-Morris-Pratt
+automaton per stop string, fed each new character once), so a long stop string costs one
+request its own work and nothing more.
 Shared by the batching core (``batch``), the ``engine`` wrappers and the server; no model calls.
 """
 from __future__ import annotations
@@ -12,6 +15,8 @@ from dataclasses import dataclass, field
 from mtpspec.metrics import SpecStats
 from mtpspec.sampling import SamplingParams
 from mtpspec.tokenizer import Tokenizer
+
+MAX_LOGPROBS = 20  # most alternatives per token, as OpenAI
 
 
 @dataclass(frozen=True)
@@ -23,6 +28,8 @@ class GenerateOptions:
     ignore_eos: bool = False
     stop_token_ids: tuple[int, ...] = ()  # end a sequence like EOS (not emitted)
     adaptive_k: bool = False  # adapt the draft length to recent acceptance (draft_k is the cap)
+    logprobs: int | None = None  # None: off; n >= 0: each token's logprob and the n most likely
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens (after the first)
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -31,6 +38,20 @@ class GenerateOptions:
             raise ValueError(f"draft_k must be an int in 0..32, got {self.draft_k!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError("stop strings must be non-empty strings")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or not 0 <= value <= MAX_LOGPROBS):
+                raise ValueError(f"{name} must be None or an int in 0..{MAX_LOGPROBS}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """The target's log-probability of one token (raw logits, before temperature and top-k/p)
+    and the ``top`` most likely alternatives as (token id, logprob), most likely first."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass
@@ -44,6 +65,7 @@ class TokenEvent:
     token_id: int
     from_draft: bool
     text: str
+    logprob: TokenLogprob | None = None  # when the options ask for logprobs
 
 
 @dataclass
@@ -53,6 +75,16 @@ class GenerationResult:
     from_draft: list[bool]
     finish_reason: str  # "stop" (EOS or stop string) or "length"
     stats: SpecStats
+    logprobs: list[TokenLogprob] | None = None  # one per token id, when asked for
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # per prompt token; the first None
+
+
+@dataclass
+class FailEvent:
+    """Sequence ``row`` failed (an error while serving it alone); it has left the batch."""
+
+    row: int
+    message: str
 
 
 @dataclass
@@ -77,31 +109,39 @@ class SequenceOutput:
         self.eos = options.stop_token_ids + (() if options.ignore_eos else eos)
         self.decoder = tokenizer.stream_decoder() if tokenizer is not None else None
         self.stats = SpecStats()
+        self.logprobs: list[TokenLogprob] | None = [] if options.logprobs is not None else None
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None
+        self._stops = [StopMatcher(stop) for stop in options.stop]
 
-    def push(self, token: int, from_draft: bool) -> str | None:
+    def push(self, token: int, from_draft: bool,
+             logprob: TokenLogprob | None = None) -> str | None:
         """Add one token; return released text, or None if the token ended the sequence unseen."""
         if token in self.eos:
             self.finish = "stop"
             return None
         self.tokens.append(token)
         self.from_draft.append(from_draft)
+        if self.logprobs is not None and logprob is not None:
+            self.logprobs.append(logprob)
         released = self._release(self.decoder.push(token) if self.decoder else "")
         if self.finish is None and len(self.tokens) >= self.options.max_new_tokens:
             self.finish = "length"
         return released
 
     def _release(self, delta: str) -> str:
+        """Feed new text to the stop matchers; release what can no longer start a stop string."""
         held = self._held + delta
-        for stop in self.options.stop:
-            cut = held.find(stop)
-            if cut >= 0:
-                self.finish = "stop"
-                self.stopped_by_string = True
-                self._held = ""
-                self.text += held[:cut]
-                return held[:cut]
-        keep = max((n for stop in self.options.stop for n in range(len(stop) - 1, 0, -1)
-                    if held.endswith(stop[:n])), default=0)
+        start = len(self._held)
+        for i, char in enumerate(delta):
+            for matcher in self._stops:
+                if matcher.feed(char):  # the first stop string to end here wins
+                    cut = start + i + 1 - len(matcher.stop)
+                    self.finish = "stop"
+                    self.stopped_by_string = True
+                    self._held = ""
+                    self.text += held[:cut]
+                    return held[:cut]
+        keep = max((matcher.state for matcher in self._stops), default=0)  # <= len(held)
         out, self._held = held[:len(held) - keep], held[len(held) - keep:]
         self.text += out
         return out
@@ -117,7 +157,36 @@ class SequenceOutput:
 
     def result(self) -> GenerationResult:
         return GenerationResult(self.tokens, self.text, self.from_draft, self.finish or "length",
-                                self.stats)
+                                self.stats, self.logprobs, self.prompt_logprobs)
+
+
+class StopMatcher:
+    """Knuth-Morris-Pratt automaton for one stop string: ``feed`` one character at a time;
+    ``state`` is the length of the longest prefix of the stop string that ends the text so far
+    (what must be held back), and ``feed`` returns True when the whole string has just ended."""
+
+    def __init__(self, stop: str):
+        self.stop = stop
+        self.state = 0
+        self._fail = [0] * len(stop)  # _fail[i]: longest proper border of stop[:i + 1]
+        border = 0
+        for i in range(1, len(stop)):
+            while border and stop[i] != stop[border]:
+                border = self._fail[border - 1]
+            if stop[i] == stop[border]:
+                border += 1
+            self._fail[i] = border
+
+    def feed(self, char: str) -> bool:
+        state, stop = self.state, self.stop
+        if state == len(stop):
+            state = self._fail[state - 1]
+        while state and char != stop[state]:
+            state = self._fail[state - 1]
+        if char == stop[state]:
+            state += 1
+        self.state = state
+        return state == len(stop)
 
 
 class AdaptiveDraftLength:

@@ -14,6 +14,12 @@ rejection a *recovered* token is sampled from the residual ``normalize(max(0, p 
 draft is accepted, a *bonus* token is sampled from ``p`` at the position after the last draft.
 Either way each sequence emits ``n + 1`` tokens.
 
+``coupled_verify`` is the variant whose output does not depend on the drafts at all: the token
+at output position t is the inverse CDF of p_t at a uniform u_t fixed in advance (per sequence
+and position), and a point-mass draft is accepted iff it equals that token. Each emitted token is
+then exactly a sample of p (acceptance probability p(x), as rejection sampling with q = one-hot),
+and a seeded sequence gives the same tokens whatever its draft lengths or batch neighbours.
+
 This module must not call models, touch caches, or decide how p and q were made (that is
 ``sampling.logits_to_probs``, applied identically to target and proposer).
 """
@@ -24,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mtpspec.sampling import sample
+from mtpspec.sampling import inverse_cdf, sample
 
 
 @dataclass(frozen=True)
@@ -168,3 +174,19 @@ def rejection_verify(
         dist = p_n  # [B, V]
     last = sample(dist, generator)  # [B] recovered or bonus token
     return VerifyResult(num_accepted=n, tokens=_assemble(draft_tokens, n, last))
+
+
+def coupled_verify(
+    p: Tensor, draft_tokens: Tensor, u: Tensor, num_drafts: Tensor | None = None
+) -> VerifyResult:
+    """Verification against tokens fixed by per-position uniforms (see the module docstring).
+
+    p ``[B, k+1, V]``: target probs (after ``logits_to_probs``). draft_tokens ``[B, k]``: point
+    masses, chosen without looking at u. u ``[B, k+1]``: the uniform of each verified position.
+    Row b emits ``x_t = inverse_cdf(p[b, t], u[b, t])`` for t <= n, where n counts the leading
+    drafts equal to those tokens."""
+    batch, k = _check_shapes(p, draft_tokens, "p")
+    if u.shape != (batch, k + 1):
+        raise ValueError(f"u must be [B, k+1]=[{batch}, {k + 1}], got {tuple(u.shape)}")
+    target = inverse_cdf(p, u)  # [B, k+1] the sample at every position
+    return greedy_verify_argmax(target, draft_tokens, num_drafts)

@@ -354,3 +354,47 @@ def test_continuous_batching_real_model_mtp(real_target):
     results, busiest = _run_session(engine.session(3, 4), plan)
     assert busiest == 3
     assert [results[j].token_ids for j in range(len(plan))] == solo
+
+
+def test_per_request_seeds_keep_the_distribution_and_ignore_the_batch():
+    """Sequences added without a shared generator sample by per-position uniforms from their own
+    seed (``coupled_verify``): each is exactly the target's distribution, and a seed gives the
+    same tokens alone, beside other sequences, and with any draft length."""
+    vocab, trials = 12, 6000
+    target = tiny_model(seed=5, vocab_size=vocab)
+    drafter = tiny_model(seed=6, vocab_size=vocab, num_layers=1)
+    prompt = [2, 5, 7, 3]
+    params = SamplingParams(temperature=0.8)
+    session = BatchSession(target, None, DraftModelProposer(drafter, max_len=16),
+                           max_batch_size=trials + 1, max_len=16, max_draft_k=2)
+    session.add(prompt, GenerateOptions(max_new_tokens=4, ignore_eos=True, draft_k=2))  # greedy
+    for seed in range(trials):
+        session.add(prompt, GenerateOptions(max_new_tokens=4, ignore_eos=True, draft_k=2,
+                                            sampling=SamplingParams(temperature=0.8, seed=seed)))
+    results = {}
+    while not session.idle:
+        results.update((e.row, e.result) for e in session.step() if isinstance(e, FinishEvent))
+    sampled = [results[seq] for seq in range(1, trials + 1)]
+    assert sum(r.stats.draft_proposed for r in sampled) >= trials  # speculation really ran
+    counts = torch.zeros(vocab * vocab)
+    for r in sampled:
+        counts[r.token_ids[0] * vocab + r.token_ids[1]] += 1
+    expected = _expected_joint(target, prompt, params, vocab)
+    keep = expected * trials >= 5
+    chi2 = (((counts - expected * trials) ** 2) / (expected * trials).clamp(min=1e-9))[keep].sum()
+    dof = int(keep.sum()) - 1
+    assert chi2 < dof + 5 * (2 * dof) ** 0.5, (float(chi2), dof)
+
+    for seed in (3, 77):  # alone, plain and with drafts of 1 or 2 tokens: the same tokens
+        options = lambda k: GenerateOptions(  # noqa: E731
+            max_new_tokens=4, ignore_eos=True, draft_k=k,
+            sampling=SamplingParams(temperature=0.8, seed=seed))
+        runs = []
+        for proposer, k in ((None, 0), (DraftModelProposer(drafter, max_len=16), 1),
+                            (DraftModelProposer(drafter, max_len=16), 2)):
+            alone = BatchSession(target, None, proposer, max_batch_size=1, max_len=16,
+                                 max_draft_k=k)
+            alone.add(prompt, options(k))
+            while not alone.idle:
+                runs += [e.result.token_ids for e in alone.step() if isinstance(e, FinishEvent)]
+        assert runs[0] == runs[1] == runs[2] == results[1 + seed].token_ids

@@ -105,11 +105,14 @@ def metric(server, name: str) -> float:
 
 def test_models_health_metrics(server, client, target):
     assert [m.id for m in client.models.list().data] == [target.name]
-    assert get(server, "/health") == (200, '{"status": "ok"}')
+    status, text = get(server, "/health")
+    assert (status, json.loads(text)) == (200, {"status": "ok"})
     status, text = get(server, "/metrics")
     assert status == 200
     for name in ("requests_total", "draft_tokens_proposed_total", "draft_tokens_accepted_total",
-                 "acceptance_rate_at_position", "mean_acceptance_length", "requests_running"):
+                 "acceptance_rate_at_position", "mean_acceptance_length", "requests_running",
+                 "time_to_first_token_seconds", "time_per_output_token_seconds",
+                 "request_queue_time_seconds", "e2e_request_latency_seconds"):
         assert f"# TYPE mtpspec_{name} " in text
 
 
@@ -171,10 +174,11 @@ def test_seeded_sampling_is_reproducible(client, target):
     (b'{"prompt": "hi", "top_k": -1}', 400, "top_k"),
     (b'{"prompt": "hi", "max_tokens": 0}', 400, "max_tokens"),
     (b'{"prompt": "hi", "max_tokens": 100000}', 400, "max_tokens"),
-    (b'{"prompt": "hi", "n": 2}', 400, "n"),
+    (b'{"prompt": "hi", "n": 2, "temperature": 0}', 400, "n"),
+    (b'{"prompt": "hi", "n": 9}', 400, "n"),
     (b'{"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}', 400, "stop"),
     (b'{"prompt": "hi", "stream": "yes"}', 400, "stream"),
-    (b'{"prompt": "hi", "logprobs": 3}', 400, "logprobs"),
+    (b'{"prompt": "hi", "logprobs": 21}', 400, "logprobs"),
     (b'{"prompt": ["a", "b"]}', 400, "prompt"),
     (b'{"prompt": [1, 99999]}', 400, "prompt"),
     (b'{"prompt": "hi", "model": "gpt-4o"}', 404, "model"),
@@ -250,6 +254,8 @@ def test_disconnect_frees_the_row(server, client, target, monkeypatch):
     for _, _ in zip(range(3), stream):
         pass
     stream.close()
+    assert _wait_for(lambda: metric(server, "sequences_cancelled_total") == cancelled + 1)
+    assert _wait_for(lambda: metric(server, "requests_running") == 0)
     # not streaming: send the request and hang up without reading the answer
     body = json.dumps({"prompt": prompt_text(1), "max_tokens": 150, "temperature": 0}).encode()
     with socket.create_connection(server.server_address[:2]) as sock:
