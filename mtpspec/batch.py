@@ -42,6 +42,11 @@ never change greedy output.
 Greedy output of a sequence does not depend on its neighbours: rows never attend to each other,
 and each row's drafts are cut to its own length before verification.
 
+Recording (drafter training data): a ``StateRecorder`` set as ``recorder`` receives every row's
+final hidden states (prompt and decoded positions), the target's logits of the next token at each
+decoded position (passes then always compute logits), and, as the row leaves, its cache row, so
+data generation is this same loop rather than a second one.
+
 Must not: run from more than one thread (the server's scheduler owns it), or hold per-request
 state anywhere but in ``_Sequence``.
 """
@@ -51,6 +56,7 @@ import time
 from collections import deque
 from collections.abc import Hashable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -69,6 +75,20 @@ UNIFORM_BLOCK = 64  # uniforms drawn at once for a coupled sequence
 GREEDY = SamplingParams()
 
 Event = TokenEvent | FinishEvent | FailEvent
+
+
+class StateRecorder(Protocol):
+    """Receives what the target computed for each sequence of a session (see the docstring)."""
+
+    def hidden(self, seq_id: int, start: int, states: torch.Tensor) -> None:
+        """states [t, d]: the final-normed hidden states of positions start..start+t-1."""
+
+    def next_token(self, seq_id: int, start: int, logits: torch.Tensor) -> None:
+        """logits [t, V]: the target's logits of the token after positions start..start+t-1."""
+
+    def finish(self, seq_id: int, cache, row: int, length: int, ids: list[int]) -> None:
+        """The sequence is done: ``ids`` (prompt + output); its cache ``row`` holds K/V of
+        positions < ``length`` (the tokens the target ran on), as do the states recorded."""
 
 
 @dataclass
@@ -117,19 +137,52 @@ class _Sequence:
         return self.uniforms[start:needed]
 
 
+def model_device(model: TargetModel) -> torch.device:
+    """The device a target's weights live on (``HFModel`` says; native models hold buffers)."""
+    device = getattr(model, "device", None)
+    return device if isinstance(device, torch.device) else model.norm_scale.device
+
+
+class _OnDevice:
+    """A target on an accelerator seen from the session's CPU bookkeeping: inputs go to its
+    device, outputs come back to the CPU; the cache stays on the device. (Plain decoding, as
+    drafter data generation on a GPU needs; proposers read the cache where it is.)"""
+
+    def __init__(self, model: TargetModel, device: torch.device):
+        self._model, self._device = model, device
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def __call__(self, ids, positions, cache, num_logits=1):
+        logits, hidden = self._model(ids.to(self._device), positions.to(self._device), cache,
+                                     num_logits)
+        return (None if logits is None else logits.cpu()), hidden.cpu()
+
+    def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self._model.lm_head(hidden.to(self._device)).cpu()
+
+    def greedy_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self._model.greedy_tokens(hidden.to(self._device)).cpu()
+
+
 class BatchSession:
     """Step-wise continuous batching over one target; see the module docstring."""
 
     def __init__(self, model: TargetModel, tokenizer: Tokenizer | None, proposer: Proposer | None,
                  max_batch_size: int, max_len: int, max_draft_k: int,
-                 max_verify_rows: int | None = None):
+                 max_verify_rows: int | None = None, prefill_chunk: int = PREFILL_CHUNK):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        device = model_device(model)
+        if device.type != "cpu":
+            model = _OnDevice(model, device)
         self.model, self.tokenizer, self.proposer = model, tokenizer, proposer
         self.max_batch_size = max_batch_size
         self.max_len = min(max_len, model.config.max_position_embeddings)
         self.max_draft_k = max_draft_k if proposer is not None else 0
         self.max_verify_rows = max_verify_rows  # None: no cap on n * (k + 1)
+        self.prefill_chunk = prefill_chunk  # prompt positions per prefill pass
         self.cache = model.new_cache(max_batch_size, self.max_len)  # [L, B, kvh, S, D]
         if self.max_draft_k > 0:  # verification passes of several rows: argmax without logits
             model.enable_argmax_screen()
@@ -137,6 +190,7 @@ class BatchSession:
         self.waiting: deque[_Sequence] = deque()
         self._next_id = 0
         self.isolate_errors = False  # True: a row's own error fails it alone (FailEvent)
+        self.recorder: StateRecorder | None = None  # training data: states of every row
         self.steps = 0        # batched target passes after prefill
         self.row_steps = 0    # sum over those passes of the rows they verified
 
@@ -252,6 +306,8 @@ class BatchSession:
         now = time.perf_counter()
         self.live.extend(joining)
         for j, seq in enumerate(joining):
+            if self.recorder is not None:
+                self.recorder.next_token(seq.seq_id, len(seq.prompt) - 1, logits[j:j + 1])
             seq.position, seq.pending, seq.hidden = len(seq.prompt), int(first[j]), hidden[j]
             seq.history.append(seq.pending)
             seq.output.stats.prompt_tokens = len(seq.prompt)
@@ -276,13 +332,15 @@ class BatchSession:
         for b, prompt in enumerate(prompts):
             ids[b, :len(prompt)] = torch.tensor(prompt)
         last_hidden = torch.empty(batch, model.config.hidden_size)
-        for begin in range(0, longest, PREFILL_CHUNK):
-            end = min(begin + PREFILL_CHUNK, longest)
+        for begin in range(0, longest, self.prefill_chunk):
+            end = min(begin + self.prefill_chunk, longest)
             positions = torch.arange(begin, end).expand(batch, -1)
             _, hidden = model(ids[:, begin:end], positions, cache, num_logits=0)  # [m, T, d]
             for b, seq in enumerate(seqs):
                 if seq.options.prompt_logprobs is not None and begin < len(seq.prompt):
                     self._prompt_logprobs(seq, hidden[b, :len(seq.prompt) - begin], begin)
+                if self.recorder is not None and begin < len(seq.prompt):
+                    self.recorder.hidden(seq.seq_id, begin, hidden[b, :len(seq.prompt) - begin])
             inside = (lengths - 1 >= begin) & (lengths - 1 < end)
             for b in torch.nonzero(inside).flatten().tolist():
                 last_hidden[b] = hidden[b, int(lengths[b]) - 1 - begin]
@@ -340,7 +398,8 @@ class BatchSession:
         pending = torch.tensor([seq.pending for seq in live])  # [n]
         ids = torch.cat([pending[:, None], tokens], dim=1)  # [n, w+1]
         block = positions[:, None] + torch.arange(width + 1)  # [n, w+1]
-        if all(seq.options.sampling.greedy and seq.options.logprobs is None for seq in live):
+        if self.recorder is None and all(seq.options.sampling.greedy and seq.options.logprobs is None
+                                         for seq in live):
             # the argmax is all greedy rows need
             _, hidden = self.model(ids, block, self.cache, num_logits=0)  # [n, w+1, d]
             logits, target = None, self.model.greedy_tokens(hidden)  # [n, w+1]
@@ -365,6 +424,9 @@ class BatchSession:
         """Emit row ``row``'s n + 1 tokens and move it on (emitted [n, w+1], logits [n, w+1, V])."""
         n, drafted = int(accepted[row]), int(counts[row])
         seq.output.stats.record_step(drafted, n, n + 1)
+        if self.recorder is not None:  # the pending token and the accepted drafts ran here
+            self.recorder.hidden(seq.seq_id, seq.position, hidden[row, :n + 1])
+            self.recorder.next_token(seq.seq_id, seq.position, logits[row, :n + 1])
         if seq.schedule is not None:
             seq.schedule.update(drafted, n)
         for i in range(n + 1):
@@ -478,7 +540,11 @@ class BatchSession:
             text = seq.output.close()
             if text:
                 events.append(TokenEvent(seq.seq_id, -1, False, text))
-            events.append(FinishEvent(seq.seq_id, seq.output.result()))
+            result = seq.output.result()
+            if self.recorder is not None:
+                ids = seq.prompt + list(result.token_ids)
+                self.recorder.finish(seq.seq_id, self.cache, row, min(seq.position, len(ids)), ids)
+            events.append(FinishEvent(seq.seq_id, result))
         if done:
             self._remove_rows(done)
 

@@ -136,8 +136,10 @@ def test_recorded_states_are_what_a_target_pass_computes(target):
     prompts = [[2, 17, 40, 99], [2, 5], [2, 300, 301, 302, 303, 304]]
     layers = (1, 3)
     states = generate_states(target, prompts, 12, SamplingParams(), None, layers, top_k=8)
-    assert [st.ids for st in states] == [p + r for p, r in zip(
-        prompts, generate_batch(target, prompts, 12, SamplingParams()))]
+    # the states cover the tokens the target ran on: the prompt and the response, less a last
+    # token that ended the sequence by length (it was emitted, never fed)
+    for st, p, r in zip(states, prompts, generate_batch(target, prompts, 12, SamplingParams())):
+        assert st.ids == (p + r)[:len(st)] and len(st) >= len(p) + len(r) - 1
     ids, valid, hidden, cache, probs, tops, known = train_module.stored_pass(
         states, max(len(st) for st in states), layers, "cpu")
     fresh_hidden, fresh_cache, fresh_probs, fresh_tops = train_module.target_pass(target, ids, 8)

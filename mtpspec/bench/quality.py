@@ -20,7 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
+from mtpspec.batch import BatchSession
 from mtpspec.models.base import TargetModel
+from mtpspec.sequence import FinishEvent, GenerateOptions
 
 TEXT_CHUNK = 256  # positions per forward pass: logits [256, V] float32 is 268 MB at V = 262,144
 
@@ -40,21 +42,21 @@ class TextScore:
 
 @torch.inference_mode()
 def score_text(model: TargetModel, ids: list[int], chunk: int = TEXT_CHUNK) -> TextScore:
-    """Perplexity of ``ids`` (one sequence, the bos token first) fed in chunks through one cache."""
+    """Perplexity of ``ids`` (one sequence, the bos token first): the prompt log-probabilities
+    the engine's own session computes while it prefills ``ids`` in chunks of ``chunk``."""
     if len(ids) < 2:
         raise ValueError("need at least two tokens to score a text")
-    tokens = torch.tensor([ids])  # [1, T]
-    cache = model.new_cache(1, len(ids))
-    nll, top1 = 0.0, []
-    for start in range(0, len(ids) - 1, chunk):
-        end = min(start + chunk, len(ids) - 1)  # feed [start, end), predict [start + 1, end + 1)
-        positions = torch.arange(start, end)[None]  # [1, n]
-        logits, _ = model(tokens[:, start:end], positions, cache, num_logits=None)  # [1, n, V]
-        logp = torch.log_softmax(logits[0].float(), dim=-1)  # [n, V]
-        targets = tokens[0, start + 1:end + 1]  # [n]
-        nll -= logp.gather(1, targets[:, None]).sum().item()
-        top1.extend(logits[0].argmax(-1).tolist())
-    return TextScore(tokens=len(ids) - 1, mean_nll=nll / (len(ids) - 1), top1=top1)
+    session = BatchSession(model, None, None, max_batch_size=1, max_len=len(ids) + 2,
+                           max_draft_k=0, prefill_chunk=chunk)
+    session.add(ids, GenerateOptions(max_new_tokens=1, draft_k=0, prompt_logprobs=1,
+                                     ignore_eos=True))
+    result = None
+    while result is None:
+        result = next((e.result for e in session.step() if isinstance(e, FinishEvent)), None)
+    scored = result.prompt_logprobs[1:]  # position t predicts token t + 1
+    nll = -sum(entry.logprob for entry in scored)
+    return TextScore(tokens=len(ids) - 1, mean_nll=nll / (len(ids) - 1),
+                     top1=[entry.top[0][0] for entry in scored])
 
 
 def top1_agreement(reference: TextScore, candidate: TextScore) -> float:

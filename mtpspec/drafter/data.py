@@ -17,7 +17,9 @@ from pathlib import Path
 import torch
 
 from mtpspec.models.base import TargetModel
-from mtpspec.sampling import SamplingParams, select
+from mtpspec.batch import BatchSession
+from mtpspec.sampling import SamplingParams, make_generator
+from mtpspec.sequence import FinishEvent, GenerateOptions
 from mtpspec.tokenizer import user_prompt_ids
 
 
@@ -120,7 +122,7 @@ class TargetStates:
 @torch.inference_mode()  # no autograd: the packed model then takes its fused C++ path
 def generate_batch(model: TargetModel, prompts: list[list[int]], max_new_tokens: int,
                    params: SamplingParams, generator=None) -> list[list[int]]:
-    """Responses of the target to ``prompts`` (lockstep batch; stops at EOS); any device."""
+    """Responses of the target to ``prompts`` (stops at EOS; the EOS token is not kept)."""
     return _generate(model, prompts, max_new_tokens, params, generator)[0]
 
 
@@ -130,7 +132,7 @@ def generate_states(model: TargetModel, prompts: list[list[int]], max_new_tokens
                     params: SamplingParams, generator, layers: tuple[int, ...],
                     top_k: int) -> list[TargetStates]:
     """``generate_batch``, keeping each sequence's ``TargetStates`` (K/V of ``layers``)."""
-    return _generate(model, prompts, max_new_tokens, params, generator, (layers, top_k))[1]
+    return _generate(model, prompts, max_new_tokens, params, generator, _Recorder(layers, top_k))[1]
 
 
 def _top(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,57 +141,54 @@ def _top(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return p / p.sum(-1, keepdim=True), i
 
 
-def _generate(model, prompts, max_new_tokens, params, generator, keep=None):
-    """(responses, states or None); ``keep`` = (layers, top_k) records TargetStates."""
-    device = getattr(model, "device", None) or model.norm_scale.device  # HFModel: .device
-    batch = len(prompts)
-    lengths = torch.tensor([len(p) for p in prompts], device=device)
-    longest = int(lengths.max())
-    cache = model.new_cache(batch, longest + max_new_tokens + 1)
-    ids = torch.zeros(batch, longest, dtype=torch.long, device=device)
-    for b, prompt in enumerate(prompts):
-        ids[b, :len(prompt)] = torch.tensor(prompt, device=device)
-    _, hidden = model.forward_hidden(ids, torch.arange(longest, device=device).expand(batch, -1),
-                                     cache, num_logits=0)
-    last = hidden.gather(1, (lengths - 1).view(-1, 1, 1).expand(-1, 1, hidden.shape[-1]))
-    logits = model.lm_head(last[:, 0]).float()  # [B, V]
-    token = select(logits, params, generator)  # [B]
-    steps = []  # per decode step: (hidden [B, d], top-k probs [B, k], ids [B, k])
-    first = _top(logits, keep[1]) if keep else None
-    eos = torch.tensor(model.config.eos_token_ids, device=device)
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
-    out = []
-    positions = lengths.clone()
-    for _ in range(max_new_tokens):
-        out.append(torch.where(done, -1, token))
-        done |= torch.isin(token, eos)
-        if bool(done.all()):
-            break
-        logits, step_hidden = model.forward_hidden(token[:, None], positions[:, None], cache)
-        if keep:
-            steps.append((step_hidden[:, 0].half(), *_top(logits[:, -1], keep[1])))
-        token = select(logits[:, -1].float(), params, generator)
-        positions += 1
-    table = torch.stack(out, 1).tolist()
-    eos_ids = model.config.eos_token_ids
-    responses = [[t for t in row[:row.index(-1)] if t not in eos_ids]
-                 if -1 in row else [t for t in row if t not in eos_ids] for row in table]
-    if not keep:
+class _Recorder:
+    """A ``batch.StateRecorder`` that assembles each sequence's ``TargetStates`` (fp16, CPU)."""
+
+    def __init__(self, layers: tuple[int, ...], top_k: int):
+        self.layers, self.top_k = list(layers), top_k
+        self._hidden: dict[int, list[tuple[int, torch.Tensor]]] = {}
+        self._next: dict[int, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
+        self.states: dict[int, TargetStates] = {}
+
+    def hidden(self, seq_id: int, start: int, states: torch.Tensor) -> None:
+        self._hidden.setdefault(seq_id, []).append((start, states.half().cpu()))
+
+    def next_token(self, seq_id: int, start: int, logits: torch.Tensor) -> None:
+        probs, tops = _top(logits, self.top_k)  # [t, k] each
+        self._next.setdefault(seq_id, []).append((start, probs.half().cpu(), tops.int().cpu()))
+
+    def finish(self, seq_id: int, cache, row: int, length: int, ids: list[int]) -> None:
+        hidden = torch.cat([h for _, h in sorted(self._hidden.pop(seq_id), key=lambda x: x[0])])
+        nexts = sorted(self._next.pop(seq_id), key=lambda x: x[0])
+        known_from = nexts[0][0]
+        probs = torch.zeros(length, self.top_k, dtype=torch.float16)
+        tops = torch.zeros(length, self.top_k, dtype=torch.int32)
+        for start, p, i in nexts:
+            end = min(start + len(p), length)
+            probs[start:end], tops[start:end] = p[:end - start], i[:end - start]
+        self.states[seq_id] = TargetStates(
+            ids=ids[:length], known_from=known_from, hidden=hidden[:length],
+            keys=torch.stack([cache.k[layer][row, :, :length] for layer in self.layers]).half().cpu(),
+            values=torch.stack([cache.v[layer][row, :, :length] for layer in self.layers]).half().cpu(),
+            probs=probs, tops=tops)
+
+
+def _generate(model, prompts, max_new_tokens, params, generator, recorder: _Recorder | None = None):
+    """(responses, states or None): every prompt decoded plainly in one ``BatchSession`` (the
+    engine's own loop; ``recorder`` keeps what training needs while the target writes)."""
+    longest = max(len(p) for p in prompts)
+    session = BatchSession(model, None, None, max_batch_size=len(prompts),
+                           max_len=longest + max_new_tokens + 1, max_draft_k=0)
+    session.recorder = recorder
+    options = GenerateOptions(max_new_tokens=max_new_tokens, sampling=params, draft_k=0)
+    shared = None if params.greedy else (generator or make_generator(params))
+    ids = [session.add(prompt, options, generator=shared) for prompt in prompts]
+    results = {}
+    while not session.idle:
+        for event in session.step():
+            if isinstance(event, FinishEvent):
+                results[event.row] = list(event.result.token_ids)
+    responses = [results[i] for i in ids]
+    if recorder is None:
         return responses, None
-    layers, top_k = keep
-    states = []
-    for b, (prompt, response) in enumerate(zip(prompts, responses)):
-        n, fed = len(prompt), min(len(response), len(steps))  # fed: tokens the target ran on
-        total = n + fed
-        probs = torch.zeros(total, top_k, dtype=torch.float16)
-        tops = torch.zeros(total, top_k, dtype=torch.int32)
-        probs[n - 1], tops[n - 1] = first[0][b].half().cpu(), first[1][b].int().cpu()
-        for j in range(fed):
-            probs[n + j], tops[n + j] = steps[j][1][b].half().cpu(), steps[j][2][b].int().cpu()
-        hid = torch.cat([hidden[b, :n].half().cpu()] + [steps[j][0][b:b + 1].cpu()
-                                                        for j in range(fed)])  # [T, d]
-        states.append(TargetStates(
-            ids=(prompt + response)[:total], known_from=n - 1, hidden=hid,
-            keys=cache.k[list(layers), b, :, :total].half().cpu(),
-            values=cache.v[list(layers), b, :, :total].half().cpu(), probs=probs, tops=tops))
-    return responses, states
+    return responses, [recorder.states[i] for i in ids]

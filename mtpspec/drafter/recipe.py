@@ -86,7 +86,7 @@ def _generate(target, prompts, args, device, log, layers=None) -> list:
     sequence (the target's states and top-k distributions, recorded while it wrote them)."""
     sequences = []
     sampled = SamplingParams(temperature=0.8, top_p=0.95)
-    generator = torch.Generator(device=device).manual_seed(args.seed)
+    generator = torch.Generator().manual_seed(args.seed)  # sampling runs on the CPU (BatchSession)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths batch well
     start = time.time()
     for n, first in enumerate(range(0, len(order), args.gen_batch)):
