@@ -1,0 +1,281 @@
+"""Parity of the native decoder with transformers for every family, from HF folders and GGUFs.
+
+For tiny random models of each family (``tiny_families``: Llama plain and with llama3 rope
+scaling, Mistral with an 8-token window, Qwen2 with QKV bias, Qwen3 with QK-norm, Gemma 2 with
+soft-caps and alternating sliding layers, Gemma 3 with its sliding pattern), loaded natively:
+
+- logits of a prefill, of one-token decode steps, of a verification block written after a prefix
+  (also over a rolled-back block) and of a ragged batch match transformers' fp32 eager logits;
+- greedy continuations of 32 tokens equal transformers' ``generate``, plain, with n-gram
+  speculation and in a batch; in int8, speculation equals plain decoding;
+- the same weights written as a GGUF (llama.cpp's conventions: Gemma norms as ``1 + w``, Llama
+  q/k rows interleaved, Llama 3.1 rope scaling as a divisor table) load natively with the same
+  logits and a working tokenizer;
+- every supported block type loads to exactly what ``gguf.quants.dequantize`` makes of its bytes,
+  and a model of such tensors matches transformers on those dequantized weights;
+- an unsupported architecture or block type, and truncated or corrupt files, are one-line
+  ``ModelLoadError``/``GGUFError``s, never crashes.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+gguf = pytest.importorskip("gguf")
+
+from gguf import GGMLQuantizationType as Q  # noqa: E402
+from gguf.quants import dequantize  # noqa: E402
+
+from mtpspec.engine import Engine, GenerateOptions  # noqa: E402
+from mtpspec.families import config_from_hf  # noqa: E402
+from mtpspec.gguf_file import SUPPORTED_TENSOR_TYPES, GGUFError, read_gguf_tensors  # noqa: E402
+from mtpspec.loading import ModelLoadError, load_weights  # noqa: E402
+from mtpspec.models.decoder import DecoderModel  # noqa: E402
+from mtpspec.models.gemma3 import Gemma3Model  # noqa: E402
+from mtpspec.proposers.ngram import NgramProposer  # noqa: E402
+from mtpspec.runtime import load_target  # noqa: E402
+
+from tiny_families import (CASES, GGUF_ARCH, LLAMA3_ROPE, WINDOW, build, family_config,  # noqa: E402
+                           family_model, gguf_reference, interleave_rotary_rows, write_gguf)
+from tiny_gemma4 import hf_greedy, save_with_tokenizer  # noqa: E402
+
+NEW = 32
+RTOL = 1e-4  # max |native - transformers| <= RTOL * max(1, max |transformers logit|)
+REPEATS = [2, 10, 20, 30, 40, 10, 20, 30, 40, 10, 20, 30, 7, 8, 9]  # n-gram lookup drafts here
+SHORT = [2, 5, 6, 7, 300, 6, 7]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def private_cache(tmp_path_factory):
+    """Packed models and dequantized GGUFs go to a cache of this module's own."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MTPSPEC_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
+@pytest.fixture(scope="module", params=CASES)
+def case(request, tmp_path_factory, private_cache):
+    """One family: its transformers model, HF folder and native fp32 target (each case its own
+    seed, so no two folders hold the same weights)."""
+    name = request.param
+    model = family_model(name, seed=CASES.index(name))
+    folder = save_with_tokenizer(model, tmp_path_factory.mktemp(name))
+    target = load_target(folder, "fp32", with_tokenizer=False)
+    return SimpleNamespace(name=name, model=model, folder=folder, target=target,
+                           tmp=tmp_path_factory.mktemp(name + "-files"))
+
+
+def random_tokens(count: int, seed: int) -> list[int]:
+    gen = torch.Generator().manual_seed(seed)
+    return [2] + torch.randint(3, 512, (count - 1,), generator=gen).tolist()
+
+
+def hf_logits(model, tokens: list[int]) -> torch.Tensor:
+    """transformers' logits [T, V] for every position of ``tokens`` (one causal pass)."""
+    with torch.no_grad():
+        return model(torch.tensor([tokens])).logits[0].float()
+
+
+def assert_close(native: torch.Tensor, reference: torch.Tensor, what: str) -> None:
+    scale = max(1.0, reference.abs().max().item())
+    err = (native - reference).abs().max().item()
+    assert err <= RTOL * scale, f"{what}: max |diff| {err:.3g} for logits up to {scale:.3g}"
+
+
+def options(**overrides) -> GenerateOptions:
+    return GenerateOptions(**{"max_new_tokens": NEW, "ignore_eos": True, **overrides})
+
+
+def run(model, cache, tokens, positions) -> torch.Tensor:
+    """Native logits [B, T, V] of ``tokens``/``positions`` [B, T] (written into ``cache``)."""
+    logits, _ = model(torch.tensor(tokens), torch.tensor(positions), cache, num_logits=None)
+    return logits
+
+
+# --- configuration --------------------------------------------------------------------------------
+
+EXPECTED = {  # what each case must read as: the feature the case exists to test
+    "llama": dict(family="llama", qkv_bias=False, qk_norm=False, tie_word_embeddings=False,
+                  rope_theta_global=500.0),
+    "llama3-rope": dict(family="llama", tie_word_embeddings=False),
+    "mistral": dict(family="mistral", sliding_window=WINDOW, layer_types=("sliding",) * 3),
+    "qwen2": dict(family="qwen2", qkv_bias=True, qk_norm=False, tie_word_embeddings=True),
+    "qwen3": dict(family="qwen3", qkv_bias=False, qk_norm=True, tie_word_embeddings=False),
+    "gemma2": dict(family="gemma2", norm_offset=1.0, sandwich_norms=True, attn_logit_softcap=4.0,
+                   final_logit_softcap=8.0, query_pre_attn_scalar=24.0, sliding_window=WINDOW,
+                   layer_types=("sliding", "global", "sliding", "global")),
+    "gemma3": dict(family="gemma3", qk_norm=True, sliding_window=WINDOW,
+                   layer_types=("sliding",) * 5 + ("global",)),
+}
+
+
+def test_each_family_loads_natively_with_its_architecture(case):
+    target = case.target
+    assert isinstance(target.model, Gemma3Model if case.name == "gemma3" else DecoderModel)
+    for field, value in EXPECTED[case.name].items():
+        assert getattr(target.config, field) == value, field
+    if case.name == "llama3-rope":
+        scaling = target.config.rope_scaling
+        assert scaling is not None and scaling.kind == "llama3" and scaling.factor == 8.0
+
+
+def test_llama3_rope_reads_from_either_transformers_config_layout():
+    """transformers 5's ``rope_parameters`` and 4.x's ``rope_scaling`` + ``rope_theta`` describe
+    the same rotary tables."""
+    raw = family_config("llama3-rope").to_dict()
+    new = config_from_hf(raw)
+    legacy = {k: v for k, v in raw.items() if k != "rope_parameters"}
+    legacy["rope_theta"] = LLAMA3_ROPE["rope_theta"]
+    legacy["rope_scaling"] = {k: v for k, v in LLAMA3_ROPE.items() if k != "rope_theta"}
+    old = config_from_hf(legacy)
+    assert old.rope_scaling == new.rope_scaling and old.rope_theta_global == new.rope_theta_global
+    scaled = new.rope_inv_freq(True)
+    plain = [1.0 / 10_000.0 ** (2 * i / 16) for i in range(8)]
+    assert scaled[0] == pytest.approx(plain[0]) and scaled[-1] == pytest.approx(plain[-1] / 8.0)
+
+
+def test_the_feature_each_case_tests_changes_transformers_logits(case):
+    """Each case's feature (window, soft-caps, rope scaling or theta, QKV bias, QK-norm) changes
+    transformers' own logits for these prompts, so matching them is evidence the native model
+    implements it."""
+    cfg = case.model.config
+    change = {"llama": {"rope_parameters": {"rope_type": "default", "rope_theta": 10_000.0}},
+              "llama3-rope": {"rope_parameters": {"rope_type": "default", "rope_theta": 10_000.0}},
+              "mistral": {"sliding_window": None},
+              "gemma2": {"attn_logit_softcapping": None, "final_logit_softcapping": None},
+              "gemma3": {"sliding_window": 512}}.get(case.name, {})
+    twin = build(cfg.__class__(**{**cfg.to_dict(), **change}))
+    twin.load_state_dict(case.model.state_dict())
+    with torch.no_grad():
+        for name, param in twin.named_parameters():
+            if case.name == "qwen2" and name.endswith("proj.bias"):
+                param.zero_()
+            if case.name == "qwen3" and name.endswith(("q_norm.weight", "k_norm.weight")):
+                param.fill_(1.0)
+    tokens = random_tokens(40, 5)
+    reference = hf_logits(case.model, tokens)
+    diff = (hf_logits(twin, tokens) - reference).abs().max().item()
+    assert diff > 100 * RTOL * reference.abs().max().item()
+
+
+# --- logits against transformers -----------------------------------------------------------------
+
+def test_prefill_decode_and_verification_logits_match_transformers(case):
+    model = case.target.model
+    tokens = random_tokens(44, CASES.index(case.name))
+    reference = hf_logits(case.model, tokens)  # [44, V]
+    cache = model.new_cache(1, 64)
+    prefill = 20
+    assert_close(run(model, cache, [tokens[:prefill]], [list(range(prefill))])[0],
+                 reference[:prefill], "prefill")
+    for pos in range(prefill, prefill + 6):  # one-token decode steps
+        assert_close(run(model, cache, [[tokens[pos]]], [[pos]])[0, 0], reference[pos],
+                     f"decode at {pos}")
+    block = range(26, 31)  # a verification block: pending token + 4 drafts
+    assert_close(run(model, cache, [[tokens[p] for p in block]], [list(block)])[0],
+                 reference[26:31], "verification block")
+    # a block of wrong drafts, rolled back by position and rewritten with the right tokens
+    run(model, cache, [[tokens[31]] + [3, 4, 5, 6]], [list(range(31, 36))])
+    block = range(32, 44)
+    assert_close(run(model, cache, [[tokens[p] for p in block]], [list(block)])[0],
+                 reference[32:44], "block after a rollback")
+
+
+def test_ragged_batch_logits_match_transformers(case):
+    model = case.target.model
+    rows = [random_tokens(30, 10), random_tokens(30, 11)]
+    lengths = [11, 19]
+    references = [hf_logits(case.model, row) for row in rows]  # [30, V] each
+    cache = model.new_cache(2, 64)
+    width = max(lengths)
+    padded = [row[:n] + [0] * (width - n) for row, n in zip(rows, lengths)]  # right-padded
+    logits = run(model, cache, padded, [list(range(width))] * 2)
+    for b, n in enumerate(lengths):
+        assert_close(logits[b, :n], references[b][:n], f"batch prefill row {b}")
+    # one ragged decode step: each row at its own position
+    logits = run(model, cache, [[rows[b][n]] for b, n in enumerate(lengths)],
+                 [[n] for n in lengths])
+    for b, n in enumerate(lengths):
+        assert_close(logits[b, 0], references[b][n], f"batch decode row {b}")
+    # one ragged verification block of 5 per row
+    starts = [n + 1 for n in lengths]
+    logits = run(model, cache, [rows[b][s:s + 5] for b, s in enumerate(starts)],
+                 [list(range(s, s + 5)) for s in starts])
+    for b, s in enumerate(starts):
+        assert_close(logits[b], references[b][s:s + 5], f"batch verification row {b}")
+
+
+# --- greedy decoding ------------------------------------------------------------------------------
+
+def test_greedy_32_tokens_equal_transformers_plain_speculative_and_batched(case):
+    model = case.target.model
+    reference = hf_greedy(case.model, REPEATS, NEW)
+    plain = Engine(model).generate([REPEATS], options())[0]
+    assert plain.token_ids == reference
+    spec = Engine(model, proposer=NgramProposer()).generate([REPEATS], options())[0]
+    assert spec.token_ids == reference
+    both = Engine(model, proposer=NgramProposer()).generate([REPEATS, SHORT], options())
+    assert both[0].token_ids == reference
+    assert both[1].token_ids == hf_greedy(case.model, SHORT, NEW)
+
+
+def test_int8_speculation_is_lossless(case):
+    target = load_target(case.folder, "int8", with_tokenizer=False)
+    assert target.weight_format == "int8"
+    plain = Engine(target.model).generate([REPEATS, SHORT], options())
+    spec = Engine(target.model, proposer=NgramProposer()).generate([REPEATS, SHORT], options())
+    assert [r.token_ids for r in spec] == [r.token_ids for r in plain]
+    alone = Engine(target.model, proposer=NgramProposer()).generate([SHORT], options())[0]
+    assert alone.token_ids == plain[1].token_ids
+
+
+def test_a_changed_config_json_is_not_served_from_a_stale_packed_model(case, tmp_path):
+    """Same weights, another config.json (the window, the caps, the rope): the native model must
+    follow the new config, not the one packed and stored for the first folder."""
+    cfg = case.model.config
+    change = {"max_position_embeddings": 256}
+    if case.name in ("mistral", "gemma2", "gemma3"):
+        change["sliding_window"] = 4
+    folder = tmp_path / "edited"
+    shutil.copytree(case.folder, folder)
+    raw = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**raw, **change}))
+    edited = load_target(folder, "fp32", with_tokenizer=False)
+    for field, value in change.items():
+        assert getattr(edited.config, field) == value
+        assert getattr(edited.model.config, field) == value
+    twin = build(cfg.__class__(**{**cfg.to_dict(), **change}))
+    twin.load_state_dict(case.model.state_dict())
+    tokens = random_tokens(30, 3)
+    assert_close(run(edited.model, edited.model.new_cache(1, 64), [tokens], [list(range(30))])[0],
+                 hf_logits(twin, tokens), "edited config")
+
+
+# --- GGUF -----------------------------------------------------------------------------------------
+
+def test_gguf_of_each_family_matches_transformers(case):
+    tokenizer = "gpt2" if case.name.startswith("qwen") else "llama"
+    path = write_gguf(case.tmp / f"{case.name}.gguf", case.model, tokenizer=tokenizer)
+    target = load_target(path, "fp32")
+    assert isinstance(target.model, Gemma3Model if case.name == "gemma3" else DecoderModel)
+    assert target.config.family == GGUF_ARCH[case.model.config.model_type]
+    if case.name == "llama3-rope":
+        assert target.config.rope_scaling.kind == "table"
+    reference = gguf_reference(case.model)
+    tokens = random_tokens(40, 21)
+    assert_close(run(target.model, target.model.new_cache(1, 64), [tokens], [list(range(40))])[0],
+                 hf_logits(reference, tokens), "GGUF prefill")
+    out = Engine(target.model, proposer=NgramProposer()).generate([REPEATS], options())[0]
+    assert out.token_ids == hf_greedy(reference, REPEATS, NEW)
+    text = "the rain in spain"
+    ids = target.tokenizer.encode(text)
+    assert ids[0] == 2 and len(ids) > 2 and all(0 <= i < 512 for i in ids)
+    assert target.tokenizer.decode(ids[1:]) == text
+    again = load_target(path, "fp32", with_tokenizer=False)  # from the dequantized cache
+    assert again.config == target.config

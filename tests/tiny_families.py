@@ -1,0 +1,286 @@
+"""Tiny random models of every native decoder family, as transformers models, HF folders and GGUFs.
+
+``family_model(case)`` builds a transformers model of one case (Llama, Llama with llama3 rope
+scaling, Mistral with a small sliding window, Qwen2 with QKV bias and a tied head, Qwen3 with
+QK-norm, Gemma 2 with both soft-caps and alternating sliding layers, Gemma 3 with its sliding
+pattern) with random weights (norm scales and biases included) and eager attention, so its logits
+are the reference. ``write_gguf`` writes the same weights as llama.cpp's converter would lay them
+out (Gemma norms stored as ``1 + w``; Llama/Mistral q/k rows interleaved for llama.cpp's rotary;
+Llama 3.1 rope scaling as a ``rope_freqs`` divisor table), with a minimal tokenizer and any mix of
+block types. The conversions here are written from the formats' descriptions, not taken from
+``mtpspec.loading``, so the tests check one against the other.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tiny_gemma4 import VOCAB, randomize
+
+CASES = ("llama", "llama3-rope", "mistral", "qwen2", "qwen3", "gemma2", "gemma3")
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10_000.0, "factor": 8.0,
+               "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+WINDOW = 8  # sliding window of Mistral, Gemma 2 and Gemma 3 cases: it matters within 32 tokens
+GEMMA3_LAYERS = ["sliding_attention"] * 5 + ["full_attention"]  # llama.cpp's fixed pattern of 6
+
+
+def family_config(case: str):
+    """The transformers config of one tiny case (hidden 64, 4 heads / 2 kv heads of 16)."""
+    import transformers
+
+    base = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                max_position_embeddings=512, eos_token_id=1, bos_token_id=2, pad_token_id=0,
+                rms_norm_eps=1e-6)
+    if case == "llama":
+        return transformers.LlamaConfig(**base, tie_word_embeddings=False,
+                                        rope_parameters={"rope_type": "default",
+                                                         "rope_theta": 500.0})
+    if case == "llama3-rope":
+        return transformers.LlamaConfig(**base, tie_word_embeddings=False,
+                                        rope_parameters=dict(LLAMA3_ROPE))
+    if case == "mistral":
+        return transformers.MistralConfig(**base, sliding_window=WINDOW, tie_word_embeddings=False)
+    if case == "qwen2":
+        return transformers.Qwen2Config(**base, tie_word_embeddings=True)
+    if case == "qwen3":
+        return transformers.Qwen3Config(**base, tie_word_embeddings=False)
+    if case == "gemma2":
+        base.update(num_hidden_layers=4)
+        return transformers.Gemma2Config(**base, sliding_window=WINDOW, query_pre_attn_scalar=24,
+                                         attn_logit_softcapping=4.0, final_logit_softcapping=8.0,
+                                         hidden_activation="gelu_pytorch_tanh")
+    if case == "gemma3":
+        base.update(num_hidden_layers=len(GEMMA3_LAYERS))
+        return transformers.Gemma3TextConfig(**base, sliding_window=WINDOW,
+                                             layer_types=list(GEMMA3_LAYERS),
+                                             query_pre_attn_scalar=16,
+                                             hidden_activation="gelu_pytorch_tanh")
+    raise KeyError(case)
+
+
+def causal_lm_class(config):
+    import transformers
+
+    return {"llama": transformers.LlamaForCausalLM, "mistral": transformers.MistralForCausalLM,
+            "qwen2": transformers.Qwen2ForCausalLM, "qwen3": transformers.Qwen3ForCausalLM,
+            "gemma2": transformers.Gemma2ForCausalLM,
+            "gemma3_text": transformers.Gemma3ForCausalLM}[config.model_type]
+
+
+def build(config, seed: int = 0):
+    """A randomized eager-attention model of ``config``."""
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = causal_lm_class(config)(config)
+    model.config._attn_implementation = "eager"
+    randomize(model, seed)
+    if config.model_type.startswith("gemma"):  # Gemma's norm scale is 1 + w: keep it near 1
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if param.ndim == 1 and "norm" in name:
+                    param.sub_(1.0)
+    return model
+
+
+def family_model(case: str, seed: int = 0):
+    return build(family_config(case), seed)
+
+
+def gguf_reference(model):
+    """The transformers model a GGUF of ``model``'s weights describes: llama.cpp's Gemma 2 has no
+    ``query_pre_attn_scalar`` key and scales queries by head_dim ** -0.5 (all but the 27B)."""
+    if model.config.model_type != "gemma2":
+        return model
+    config = model.config.__class__(**{**model.config.to_dict(),
+                                       "query_pre_attn_scalar": model.config.head_dim})
+    twin = build(config)
+    twin.load_state_dict(model.state_dict())
+    return twin.eval()
+
+
+# --- GGUF writing -------------------------------------------------------------------------------
+
+GGUF_ARCH = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3",
+             "gemma2": "gemma2", "gemma3_text": "gemma3"}
+_LAYER = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+          "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+          "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+          "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm",
+          "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+
+
+def gguf_name(hf_name: str, sandwich: bool) -> str:
+    """llama.cpp's name of an HF tensor (``post_attention_layernorm`` is the pre-MLP norm
+    ``ffn_norm`` in Llama-style models, Gemma's post-attention norm in sandwich ones)."""
+    top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+           "lm_head.weight": "output.weight"}
+    if hf_name in top:
+        return top[hf_name]
+    _, _, layer, rest = hf_name.split(".", 3)
+    module, kind = rest.rsplit(".", 1)
+    if module == "post_attention_layernorm":
+        short = "post_attention_norm" if sandwich else "ffn_norm"
+    else:
+        short = _LAYER[module]
+    return f"blk.{layer}.{short}.{kind}"
+
+
+def interleave_rotary_rows(weight: np.ndarray, heads: int) -> np.ndarray:
+    """Rotate-half rows (per head: the first halves of all pairs, then the second halves) to
+    llama.cpp's interleaved layout (x0, y0, x1, y1, ...)."""
+    head_dim = weight.shape[0] // heads
+    half = head_dim // 2
+    order = [h * head_dim + j * half + i for h in range(heads) for i in range(half) for j in (0, 1)]
+    return weight[order]
+
+
+def llama3_rope_divisors(rope: dict, head_dim: int) -> np.ndarray:
+    """Llama 3.1's scaling as llama.cpp stores it: one divisor per rotary frequency."""
+    factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+    old = rope["original_max_position_embeddings"]
+    out = []
+    for i in range(head_dim // 2):
+        wavelen = 2 * math.pi * rope["rope_theta"] ** (2 * i / head_dim)
+        if wavelen < old / high:
+            out.append(1.0)
+        elif wavelen > old / low:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1.0 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
+
+
+def gguf_tensors(model) -> dict[str, np.ndarray]:
+    """``model``'s weights under llama.cpp's names and conventions, float32."""
+    cfg = model.config
+    family = GGUF_ARCH[cfg.model_type]
+    sandwich = family.startswith("gemma")
+    out = {}
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        array = tensor.detach().float().numpy().copy()
+        if sandwich and name.endswith("norm.weight"):
+            array = array + 1.0  # llama.cpp stores Gemma's RMSNorm scale as 1 + w
+        if family in ("llama", "mistral") and name.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = cfg.num_attention_heads if "q_proj" in name else cfg.num_key_value_heads
+            array = interleave_rotary_rows(array, heads)
+        out[gguf_name(name, sandwich)] = array
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    if rope.get("rope_type") == "llama3":
+        out["rope_freqs.weight"] = llama3_rope_divisors(rope, cfg.head_dim)
+    return out
+
+
+def spm_vocab() -> tuple[list[str], list[float], list[int]]:
+    """A SentencePiece-style vocabulary of VOCAB pieces: specials, 256 byte pieces, characters."""
+    tokens = ["<pad>", "<eos>", "<bos>", "<unk>"] + [f"<0x{b:02X}>" for b in range(256)]
+    types = [3, 3, 3, 2] + [6] * 256
+    chars = [chr(c) for c in range(33, 127)]
+    pieces = ["\u2581"] + chars + ["\u2581" + c for c in chars]
+    pieces += [a + b for a in "etaoinshr" for b in "etaoinshr"]
+    tokens += pieces[: VOCAB - len(tokens)]
+    types += [1] * (VOCAB - len(types))
+    scores = [0.0] * 260 + [-float(i) for i in range(VOCAB - 260)]
+    return tokens, scores, types
+
+
+def bpe_vocab() -> tuple[list[str], list[str], list[int]]:
+    """A GPT-2-style byte-level vocabulary of VOCAB tokens: specials, 256 bytes, merged pairs."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    chars, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            chars[byte] = chr(byte)
+        else:
+            chars[byte] = chr(256 + extra)
+            extra += 1
+    tokens = ["<pad>", "<eos>", "<bos>"] + [chars[b] for b in range(256)]
+    types = [3, 3, 3] + [1] * 256
+    letters = "etaoinshrdlu"
+    merges = [f"{a} {b}" for a in letters for b in letters]
+    merges = merges[: VOCAB - len(tokens)]
+    tokens += [m.replace(" ", "") for m in merges]
+    types += [1] * len(merges)
+    filler = VOCAB - len(tokens)
+    tokens += [f"<extra_{i}>" for i in range(filler)]
+    types += [4] * filler  # user-defined
+    return tokens, merges, types
+
+
+def write_gguf(path: Path, model, types: dict[str, object] | None = None,
+               tokenizer: str = "llama", arch: str | None = None,
+               encode=None) -> Path:
+    """Write ``model`` as a GGUF file at ``path``.
+
+    types: tensor name -> a ``gguf.GGMLQuantizationType`` (default F32 for everything);
+    encode: (name, float array, type) -> the raw block bytes ``[rows, bytes]`` of a type the gguf
+    package cannot quantize (the K-quants). arch: overrides ``general.architecture``.
+    """
+    import gguf
+    from gguf.quants import quantize
+
+    cfg = model.config
+    family = GGUF_ARCH[cfg.model_type]
+    arch = arch or family
+    writer = gguf.GGUFWriter(str(path), arch)
+    key = lambda name: f"{arch}.{name}"  # noqa: E731
+    writer.add_string("general.name", f"tiny-{family}")
+    writer.add_uint32(key("context_length"), cfg.max_position_embeddings)
+    writer.add_uint32(key("embedding_length"), cfg.hidden_size)
+    writer.add_uint32(key("block_count"), cfg.num_hidden_layers)
+    writer.add_uint32(key("feed_forward_length"), cfg.intermediate_size)
+    writer.add_uint32(key("attention.head_count"), cfg.num_attention_heads)
+    writer.add_uint32(key("attention.head_count_kv"), cfg.num_key_value_heads)
+    writer.add_uint32(key("attention.key_length"), cfg.head_dim)
+    writer.add_uint32(key("attention.value_length"), cfg.head_dim)
+    writer.add_float32(key("attention.layer_norm_rms_epsilon"), cfg.rms_norm_eps)
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    if "full_attention" in rope:
+        rope = rope["full_attention"]
+    writer.add_float32(key("rope.freq_base"), float(rope.get("rope_theta", 10_000.0)))
+    if getattr(cfg, "sliding_window", None):
+        writer.add_uint32(key("attention.sliding_window"), cfg.sliding_window)
+    if family == "gemma2":
+        writer.add_float32(key("attn_logit_softcapping"), cfg.attn_logit_softcapping)
+        writer.add_float32(key("final_logit_softcapping"), cfg.final_logit_softcapping)
+    if tokenizer == "llama":
+        tokens, scores, token_types = spm_vocab()
+        writer.add_string("tokenizer.ggml.model", "llama")
+        writer.add_array("tokenizer.ggml.tokens", tokens)
+        writer.add_array("tokenizer.ggml.scores", scores)
+        writer.add_array("tokenizer.ggml.token_type", token_types)
+        writer.add_uint32("tokenizer.ggml.unknown_token_id", 3)
+    else:
+        tokens, merges, token_types = bpe_vocab()
+        writer.add_string("tokenizer.ggml.model", "gpt2")
+        writer.add_string("tokenizer.ggml.pre", "qwen2" if family.startswith("qwen") else "default")
+        writer.add_array("tokenizer.ggml.tokens", tokens)
+        writer.add_array("tokenizer.ggml.merges", merges)
+        writer.add_array("tokenizer.ggml.token_type", token_types)
+    writer.add_uint32("tokenizer.ggml.bos_token_id", 2)
+    writer.add_uint32("tokenizer.ggml.eos_token_id", 1)
+    writer.add_uint32("tokenizer.ggml.padding_token_id", 0)
+    for name, array in gguf_tensors(model).items():
+        kind = (types or {}).get(name, gguf.GGMLQuantizationType.F32)
+        if kind == gguf.GGMLQuantizationType.F32:
+            writer.add_tensor(name, array)
+        elif kind == gguf.GGMLQuantizationType.F16:
+            writer.add_tensor(name, array.astype(np.float16))
+        else:
+            try:
+                raw = quantize(array, kind)
+            except NotImplementedError:
+                raw = encode(name, array, kind)
+            writer.add_tensor(name, raw, raw_shape=raw.shape, raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
