@@ -72,12 +72,23 @@ def _code_version() -> str:
     return digest.hexdigest()[:16]
 
 
+def _source_config(loaded: LoadedWeights) -> ModelConfig | None:
+    """The configuration a stored model must have been built under: an HF folder's config.json
+    is not covered by its weights hash (a GGUF's metadata is, and its config read without tensors
+    lacks the rope table, so None: no check)."""
+    return loaded.config if loaded.source.is_dir() else None
+
+
 def _cached_model(path, loaded, weights: str) -> Gemma3Model:
     """Build the model in ``weights`` format once, then memory-map the packed result."""
     cached = cache_root() / loaded.weights_hash[:24] / f"model-{weights}-{_code_version()}.pt"
     if cached.exists():
         try:
-            return torch.load(cached, mmap=True, weights_only=False)
+            model = torch.load(cached, mmap=True, weights_only=False)
+            expected = _source_config(loaded)
+            if expected is None or model.config == expected:
+                return model
+            warnings.warn(f"rebuilding cached model {cached.name}: built under another configuration")
         except (OSError, RuntimeError, AttributeError, EOFError) as err:
             warnings.warn(f"rebuilding cached model {cached.name}: {err}")
     full = load_weights(path)
@@ -100,7 +111,7 @@ def _stored_model(loaded: LoadedWeights, weights: str) -> DecoderModel:
     stored = cache_root() / loaded.weights_hash[:24] / f"model-{weights}.safetensors"
     if stored.exists():
         try:
-            return load_packed(stored, loaded.weights_hash, weights)
+            return load_packed(stored, loaded.weights_hash, weights, _source_config(loaded))
         except StoreMismatch as err:
             warnings.warn(f"rebuilding the stored model: {err}")
     full = load_weights(loaded.source)

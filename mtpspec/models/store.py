@@ -105,18 +105,24 @@ def _layout_ok(packed: torch.Tensor, scales: torch.Tensor, out_features: int, in
     return tuple(scales.shape) == ((panels * 16,) if fmt == "int8" else (0,))
 
 
-def load_packed(path: Path, source_hash: str, weight_format: str) -> DecoderModel:
-    """The model stored at ``path``, checked against the source hash and format it must have."""
+def load_packed(path: Path, source_hash: str, weight_format: str,
+                config: ModelConfig | None = None) -> DecoderModel:
+    """The model stored at ``path``, checked against the source hash and format it must have,
+    and against ``config`` when given (an HF folder's ``config.json`` is not in its weights hash,
+    so the same weights under an edited config must not come back with the stored config)."""
     header = read_header(path)
     if header.get("format") != STORE_FORMAT:
         raise StoreMismatch(f"{path.name}: store format {header.get('format')} != {STORE_FORMAT}")
     if header.get("source") != source_hash or header.get("weights") != weight_format:
         raise StoreMismatch(f"{path.name}: built from another source or format")
     try:
-        config = _config_from_json(header["config"])
+        stored_config = _config_from_json(header["config"])
         tensors = load_file(str(path))
     except (KeyError, TypeError, ValueError, SafetensorError, OSError) as err:
         raise StoreMismatch(f"{path.name}: {err}") from err
+    if config is not None and stored_config != config:
+        raise StoreMismatch(f"{path.name}: built under another configuration")
+    config = stored_config
     prebuilt = {}
     wanted = linear_shapes(config)
     for name, (out_features, in_features, fmt, group) in header.get("layers", {}).items():
