@@ -42,7 +42,8 @@ from mtpspec.proposers.ngram import NgramProposer  # noqa: E402
 from mtpspec.runtime import load_target  # noqa: E402
 
 from tiny_families import (CASES, GGUF_ARCH, LLAMA3_ROPE, WINDOW, build, family_config,  # noqa: E402
-                           family_model, gguf_reference, interleave_rotary_rows, write_gguf)
+                           family_model, gguf_reference, interleave_rotary_rows, random_k_quant,
+                           write_gguf)
 from tiny_gemma4 import hf_greedy, save_with_tokenizer  # noqa: E402
 
 NEW = 32
@@ -279,3 +280,180 @@ def test_gguf_of_each_family_matches_transformers(case):
     assert target.tokenizer.decode(ids[1:]) == text
     again = load_target(path, "fp32", with_tokenizer=False)  # from the dequantized cache
     assert again.config == target.config
+
+
+# --- every supported block type -------------------------------------------------------------------
+
+QUANT_LAYOUT = {  # tensor -> block type: every supported type, the K-quants where rows allow 256
+    "token_embd.weight": Q.Q8_0, "output.weight": Q.BF16,
+    "blk.0.attn_q.weight": Q.F16, "blk.0.attn_k.weight": Q.BF16, "blk.0.attn_v.weight": Q.Q8_0,
+    "blk.0.attn_output.weight": Q.Q4_0, "blk.0.ffn_gate.weight": Q.Q4_1,
+    "blk.0.ffn_up.weight": Q.Q5_0, "blk.0.ffn_down.weight": Q.Q4_K,
+    "blk.1.attn_q.weight": Q.Q5_1, "blk.1.attn_k.weight": Q.Q4_0, "blk.1.attn_v.weight": Q.Q4_1,
+    "blk.1.attn_output.weight": Q.Q5_0, "blk.1.ffn_gate.weight": Q.Q8_0,
+    "blk.1.ffn_up.weight": Q.F16, "blk.1.ffn_down.weight": Q.Q5_K,
+    "blk.2.attn_q.weight": Q.Q4_1, "blk.2.attn_k.weight": Q.Q5_1, "blk.2.attn_v.weight": Q.Q5_0,
+    "blk.2.attn_output.weight": Q.F32, "blk.2.ffn_gate.weight": Q.BF16,
+    "blk.2.ffn_up.weight": Q.Q4_0, "blk.2.ffn_down.weight": Q.Q6_K,
+}
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory, private_cache):
+    """A Llama GGUF holding every supported block type (intermediate 256 so the down projections
+    can be K-quants), and its transformers twin on the weights the gguf package decodes."""
+    config = family_config("llama")
+    config = config.__class__(**{**config.to_dict(), "intermediate_size": 256})
+    model = build(config, seed=42)
+    path = write_gguf(tmp_path_factory.mktemp("quant") / "mixed.gguf", model, QUANT_LAYOUT,
+                      encode=lambda name, array, kind: random_k_quant(array, kind,
+                                                                      seed=len(name)))
+    reader = gguf.GGUFReader(str(path))
+    decoded = {t.name: (t.tensor_type, dequantize(t.data, t.tensor_type).astype(np.float32))
+               for t in reader.tensors}
+    del reader
+    state = {}
+    for name, tensor in model.state_dict().items():
+        array = decoded[gguf_name_of(name)][1].reshape(tuple(tensor.shape))
+        if name.endswith(("q_proj.weight", "k_proj.weight")):  # undo the interleaving
+            heads = config.num_attention_heads if "q_proj" in name else config.num_key_value_heads
+            order = interleave_rotary_rows(np.arange(array.shape[0]), heads)
+            array = array[np.argsort(order)]
+        state[name] = torch.from_numpy(array.copy())
+    twin = build(config, seed=42)
+    twin.load_state_dict(state)
+    return SimpleNamespace(path=path, decoded=decoded, twin=twin.eval())
+
+
+def gguf_name_of(hf_name: str) -> str:
+    from tiny_families import gguf_name
+
+    return gguf_name(hf_name, sandwich=False)
+
+
+def test_the_mixed_file_holds_every_supported_block_type(quantized):
+    kinds = {kind.name for kind, _ in quantized.decoded.values()}
+    assert kinds == set(SUPPORTED_TENSOR_TYPES)
+
+
+def test_every_block_type_decodes_to_what_gguf_makes_of_its_bytes(quantized):
+    ours = read_gguf_tensors(quantized.path)
+    assert set(ours) == set(quantized.decoded)
+    for name, (kind, reference) in quantized.decoded.items():
+        assert ours[name].dtype == np.float32
+        assert ours[name].shape == reference.shape, (name, kind.name)
+        assert np.array_equal(ours[name], reference), (name, kind.name)
+        assert np.isfinite(reference).all() and reference.std() > 0, (name, kind.name)
+
+
+def test_a_model_of_every_block_type_matches_transformers_on_the_decoded_weights(quantized):
+    target = load_target(quantized.path, "fp32", with_tokenizer=False)
+    tokens = random_tokens(40, 8)
+    assert_close(run(target.model, target.model.new_cache(1, 64), [tokens], [list(range(40))])[0],
+                 hf_logits(quantized.twin, tokens), "mixed block types")
+    out = Engine(target.model, proposer=NgramProposer()).generate([REPEATS], options())[0]
+    assert out.token_ids == hf_greedy(quantized.twin, REPEATS, NEW)
+
+
+# --- errors: one clear line, never a crash --------------------------------------------------------
+
+def load_error(path, kind=ModelLoadError) -> str:
+    """The one-line message ``load_target`` refuses ``path`` with."""
+    with pytest.raises(kind) as info:
+        load_target(path, "fp32", with_tokenizer=False)
+    message = str(info.value)
+    assert message and "\n" not in message
+    return message
+
+
+@pytest.fixture(scope="module")
+def small_gguf(tmp_path_factory):
+    """A valid F32 Llama GGUF (intermediate 256), for the corruption tests."""
+    config = family_config("llama")
+    model = build(config.__class__(**{**config.to_dict(), "intermediate_size": 256}), seed=3)
+    return write_gguf(tmp_path_factory.mktemp("valid") / "valid.gguf", model)
+
+
+@pytest.mark.parametrize("arch", ["phi3", "rwkv6"])
+def test_an_unsupported_architecture_names_the_supported_ones(small_gguf, tmp_path, arch):
+    model = family_model("llama", seed=4)
+    path = write_gguf(tmp_path / f"{arch}.gguf", model, arch=arch)
+    message = load_error(path)
+    assert arch in message and "--backend hf" in message
+    for family in ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3"):
+        assert family in message
+    with pytest.raises(ModelLoadError, match="--backend hf"):
+        load_weights(path, with_tensors=False)
+
+
+def patched(source, target, at: int, fmt: str, value) -> object:
+    import struct
+
+    data = bytearray(source.read_bytes())
+    struct.pack_into(fmt, data, at, value)
+    target.write_bytes(bytes(data))
+    return target
+
+
+@pytest.mark.parametrize("kind", [Q.Q2_K, Q.Q3_K, Q.IQ4_NL, Q.IQ2_XXS, Q.TQ1_0])
+def test_an_unsupported_block_type_names_the_supported_ones(small_gguf, tmp_path, kind):
+    from tiny_families import gguf_tensor_table
+
+    entry = gguf_tensor_table(small_gguf)["blk.1.ffn_down.weight"]  # 256 columns: any block fits
+    path = patched(small_gguf, tmp_path / "odd.gguf", entry["type_at"], "<I", int(kind))
+    message = load_error(path)
+    assert kind.name in message and "blk.1.ffn_down.weight" in message
+    assert all(name in message for name in SUPPORTED_TENSOR_TYPES)
+
+
+def test_an_unknown_block_type_id_names_the_supported_ones(small_gguf, tmp_path):
+    from tiny_families import gguf_tensor_table
+
+    entry = gguf_tensor_table(small_gguf)["blk.0.attn_q.weight"]
+    path = patched(small_gguf, tmp_path / "unknown.gguf", entry["type_at"], "<I", 250)
+    message = load_error(path)
+    assert "250" in message and all(name in message for name in SUPPORTED_TENSOR_TYPES)
+
+
+def test_truncated_files_are_clear_errors(small_gguf, tmp_path):
+    from tiny_families import gguf_tensor_table
+
+    data = small_gguf.read_bytes()
+    table = gguf_tensor_table(small_gguf)
+    header_end = max(entry["offset_at"] for entry in table.values()) + 8
+    cuts = [0, 3, 4, 10, 24, 40, 1000, 5000, header_end - 30, header_end - 1, header_end + 8,
+            len(data) // 2, len(data) - 4]
+    for cut in cuts:
+        path = tmp_path / f"cut-{cut}.gguf"
+        path.write_bytes(data[:cut])
+        message = load_error(path)
+        assert str(path) in message or path.name in message, cut
+
+
+def test_random_bytes_and_corrupt_fields_are_clear_errors(small_gguf, tmp_path):
+    from tiny_families import gguf_tensor_table
+
+    rng = np.random.default_rng(0)
+    data = small_gguf.read_bytes()
+    for seed in range(4):  # the magic (and version 3), then noise
+        noise = np.random.default_rng(seed).integers(0, 256, 4096, dtype=np.uint8).tobytes()
+        path = tmp_path / f"noise-{seed}.gguf"
+        path.write_bytes(data[:4] + (b"\x03\x00\x00\x00" if seed % 2 else b"") + noise)
+        load_error(path)
+    entry = gguf_tensor_table(small_gguf)["blk.2.ffn_up.weight"]
+    corruptions = {
+        "offset-past-end": (entry["offset_at"], "<Q", len(data) * 4),
+        "offset-huge": (entry["offset_at"], "<Q", 2**63),
+        "dims-huge": (entry["dims_at"], "<I", 2**31),
+        "dims-zero": (entry["dims_at"], "<I", 0),
+        "shape-huge": (entry["dims_at"] + 4, "<Q", 2**40),
+        "kv-count-huge": (16, "<Q", 2**60),
+        "tensor-count-huge": (8, "<Q", 2**60),
+    }
+    for label, (at, fmt, value) in corruptions.items():
+        load_error(patched(small_gguf, tmp_path / f"{label}.gguf", at, fmt, value))
+    # noise over the metadata after a valid start
+    noisy = bytearray(data)
+    noisy[200:2200] = rng.integers(0, 256, 2000, dtype=np.uint8).tobytes()
+    (tmp_path / "noisy.gguf").write_bytes(bytes(noisy))
+    load_error(tmp_path / "noisy.gguf")

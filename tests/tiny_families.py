@@ -284,3 +284,45 @@ def write_gguf(path: Path, model, types: dict[str, object] | None = None,
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+# --- block types the gguf package cannot quantize -----------------------------------------------
+
+K_BLOCK_BYTES = {"Q4_K": 144, "Q5_K": 176, "Q6_K": 210}  # per 256 weights
+
+
+def random_k_quant(array: np.ndarray, kind, seed: int = 0) -> np.ndarray:
+    """Valid K-quant blocks ``[rows, bytes]`` for a tensor of ``array``'s shape: random quants
+    and sub-block scales, block scales chosen so weights are about N(0, 1/fan_in) in size. (The
+    gguf package only dequantizes these types; the reference is what it makes of these bytes.)"""
+    rows, cols = array.shape
+    size = K_BLOCK_BYTES[kind.name]
+    blocks = cols // 256
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, size=(rows, blocks, size), dtype=np.uint8)
+    target = 1.0 / np.sqrt(cols)
+    if kind.name == "Q6_K":  # ql[128] qh[64] scales[16] (int8) d (f16): d * scale * (q - 32)
+        raw[..., 208:210] = np.full((rows, blocks), target / 1000, np.float16)[..., None].view(np.uint8)
+    else:  # d (f16), dmin (f16), 6-bit scales and mins, quants: d * sc * q - dmin * m
+        levels = 15.5 if kind.name == "Q4_K" else 31.5  # dmin/d that centres q around 0
+        d = np.full((rows, blocks), target / (32 * levels), np.float16)
+        raw[..., 0:2] = d[..., None].view(np.uint8)
+        raw[..., 2:4] = (d * levels / 2).astype(np.float16)[..., None].view(np.uint8)
+    return raw.reshape(rows, blocks * size)
+
+
+def gguf_tensor_table(path: Path) -> dict[str, dict]:
+    """Where each tensor's table entry sits in a GGUF file: {name: {type_at, offset_at, dims_at,
+    n_dims}} (byte offsets of its block-type, data-offset, dimension-count fields), so tests can
+    corrupt single fields."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    base = reader.data.ctypes.data
+    out = {}
+    for tensor in reader.tensors:
+        _, _, dims, _, kind, offset = tensor.field.parts[:6]
+        out[tensor.name] = {"type_at": kind.ctypes.data - base, "offset_at": offset.ctypes.data - base,
+                            "dims_at": dims.ctypes.data - base, "n_dims": int(dims[0])}
+    del reader
+    return out
