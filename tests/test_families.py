@@ -42,8 +42,8 @@ from mtpspec.proposers.ngram import NgramProposer  # noqa: E402
 from mtpspec.runtime import load_target  # noqa: E402
 
 from tiny_families import (CASES, GGUF_ARCH, LLAMA3_ROPE, WINDOW, build, family_config,  # noqa: E402
-                           family_model, gguf_reference, interleave_rotary_rows, random_k_quant,
-                           write_gguf)
+                           decode_blocks, family_model, gguf_reference, interleave_rotary_rows,
+                           gguf_table, random_k_quant, write_gguf)
 from tiny_gemma4 import hf_greedy, save_with_tokenizer  # noqa: E402
 
 NEW = 32
@@ -311,6 +311,9 @@ def quantized(tmp_path_factory, private_cache):
     reader = gguf.GGUFReader(str(path))
     decoded = {t.name: (t.tensor_type, dequantize(t.data, t.tensor_type).astype(np.float32))
                for t in reader.tensors}
+    raw = {t.name: np.array(t.data).view(np.uint8).reshape(max(1, t.data.shape[0] if t.data.ndim > 1
+                                                                 else 1), -1)
+           for t in reader.tensors}
     del reader
     state = {}
     for name, tensor in model.state_dict().items():
@@ -322,7 +325,7 @@ def quantized(tmp_path_factory, private_cache):
         state[name] = torch.from_numpy(array.copy())
     twin = build(config, seed=42)
     twin.load_state_dict(state)
-    return SimpleNamespace(path=path, decoded=decoded, twin=twin.eval())
+    return SimpleNamespace(path=path, decoded=decoded, raw=raw, twin=twin.eval())
 
 
 def gguf_name_of(hf_name: str) -> str:
@@ -344,6 +347,54 @@ def test_every_block_type_decodes_to_what_gguf_makes_of_its_bytes(quantized):
         assert ours[name].shape == reference.shape, (name, kind.name)
         assert np.array_equal(ours[name], reference), (name, kind.name)
         assert np.isfinite(reference).all() and reference.std() > 0, (name, kind.name)
+        mine = decode_blocks(quantized.raw[name], kind.name).reshape(reference.shape)
+        assert np.array_equal(ours[name], mine), (name, kind.name)  # the block layout, by hand
+
+
+REAL_TYPES = {"smollm2": {"Q4_1", "Q8_0", "F32"}, "gemma3": {"Q4_K", "Q6_K", "Q5_0", "Q8_0", "F32"}}
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("name", sorted(REAL_TYPES))
+def test_real_files_block_types_decode_as_their_layout_says(name, tmp_path):
+    """The embedded GGUFs' block types (SmolLM2: Q4_1/Q8_0; Gemma 3 270M Q4_K_M: Q4_K, Q6_K,
+    Q5_0, Q8_0): a few rows of the first tensor of each type, copied into a small GGUF, decode to
+    what the block layout says (real quantizer output, not random blocks)."""
+    from mtpspec.loading import EMBEDDED_MODELS
+
+    try:
+        source = EMBEDDED_MODELS[name]()
+    except ModelLoadError as err:
+        pytest.skip(str(err))
+    table, data_start = gguf_table(source)
+    first = {}
+    for tensor_name, shape, kind, offset in table:
+        first.setdefault(Q(kind), (tensor_name, shape, offset))
+    assert {kind.name for kind in first} == REAL_TYPES[name]
+    writer = gguf.GGUFWriter(str(tmp_path / "slices.gguf"), "llama")
+    expected = {}
+    with open(source, "rb") as handle:
+        for kind, (tensor_name, shape, offset) in first.items():
+            block, block_bytes = gguf.GGML_QUANT_SIZES[kind]
+            rows = min(8, int(np.prod(shape[1:])))
+            row_bytes = shape[0] // block * block_bytes
+            handle.seek(data_start + offset)
+            raw = np.frombuffer(handle.read(rows * row_bytes), np.uint8).reshape(rows, row_bytes)
+            expected[tensor_name] = (kind, raw)
+            if kind == Q.F32:
+                writer.add_tensor(tensor_name, raw.view(np.float32))
+            else:
+                writer.add_tensor(tensor_name, raw, raw_shape=raw.shape, raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    ours = read_gguf_tensors(tmp_path / "slices.gguf")
+    for tensor_name, (kind, rows) in expected.items():
+        mine = decode_blocks(rows, kind.name)
+        assert ours[tensor_name].shape == mine.shape, tensor_name
+        assert np.array_equal(ours[tensor_name], mine), (tensor_name, kind.name)
+        assert np.isfinite(mine).all() and mine.std() > 0
 
 
 def test_a_model_of_every_block_type_matches_transformers_on_the_decoded_weights(quantized):

@@ -326,3 +326,117 @@ def gguf_tensor_table(path: Path) -> dict[str, dict]:
                             "dims_at": dims.ctypes.data - base, "n_dims": int(dims[0])}
     del reader
     return out
+
+
+# --- block decoders written from the GGUF block layouts, to check the loader's against ---------
+
+def _f16(raw: np.ndarray) -> np.ndarray:
+    """float32 of little-endian fp16 fields ``[..., 2]`` (uint8) -> ``[..., 1]``."""
+    return np.ascontiguousarray(raw).view(np.float16).astype(np.float32)
+
+
+def _k_scales(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The 8 six-bit (scale, min) pairs packed in 12 bytes ``[..., 12]`` -> two ``[..., 8]``."""
+    s = scales.astype(np.int32)
+    sc = np.empty(s.shape[:-1] + (8,), np.int32)
+    mn = np.empty_like(sc)
+    sc[..., :4] = s[..., 0:4] & 63
+    mn[..., :4] = s[..., 4:8] & 63
+    sc[..., 4:] = (s[..., 8:12] & 0xF) | ((s[..., 0:4] >> 6) << 4)
+    mn[..., 4:] = (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)
+    return sc.astype(np.float32), mn.astype(np.float32)
+
+
+def decode_blocks(raw: np.ndarray, kind: str) -> np.ndarray:
+    """Float32 weights ``[rows, cols]`` of block bytes ``[rows, bytes]`` of block type ``kind``."""
+    rows = raw.shape[0]
+    if kind == "F32":
+        return np.ascontiguousarray(raw).view(np.float32).reshape(rows, -1)
+    if kind == "F16":
+        return np.ascontiguousarray(raw).view(np.float16).astype(np.float32).reshape(rows, -1)
+    if kind == "BF16":
+        bits = np.ascontiguousarray(raw).view(np.uint16).astype(np.uint32) << 16
+        return bits.view(np.float32).reshape(rows, -1)
+    size = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24, "Q4_K": 144, "Q5_K": 176,
+            "Q6_K": 210}[kind]
+    b = raw.reshape(rows, -1, size)  # [rows, blocks, bytes]
+    if kind == "Q8_0":  # d, 32 x int8
+        out = _f16(b[..., 0:2]) * b[..., 2:].view(np.int8).astype(np.float32)
+    elif kind in ("Q4_0", "Q4_1", "Q5_0", "Q5_1"):  # d, (m), (32 high bits), 16 bytes of nibbles
+        offset = 4 if kind in ("Q4_1", "Q5_1") else 2
+        high = kind.startswith("Q5")
+        qs = b[..., offset + 4 * high:].astype(np.int32)  # [.., 16]
+        q = np.concatenate([qs & 0xF, qs >> 4], axis=-1)  # element j and j + 16
+        if high:
+            bits = b[..., offset:offset + 4].copy().view(np.uint32).astype(np.int64)  # [.., 1]
+            q = q | (((bits >> np.arange(32)) & 1) << 4)
+        d = _f16(b[..., 0:2])
+        if offset == 4:
+            out = d * q + _f16(b[..., 2:4])
+        else:
+            out = d * (q - (16 if high else 8))
+    elif kind in ("Q4_K", "Q5_K"):  # d, dmin, scales[12], (qh[32]), qs[128]: 8 sub-blocks of 32
+        d, dmin = _f16(b[..., 0:2]), _f16(b[..., 2:4])
+        sc, mn = _k_scales(b[..., 4:16])
+        qs = b[..., 16 + 32 * (kind == "Q5_K"):].astype(np.int32).reshape(rows, -1, 4, 32)
+        q = np.stack([qs & 0xF, qs >> 4], axis=3).reshape(rows, -1, 8, 32)  # sub-block 2i, 2i+1
+        if kind == "Q5_K":
+            qh = b[..., 16:48].astype(np.int32)[..., None, :]  # [.., 1, 32]
+            q = q + (((qh >> np.arange(8)[:, None]) & 1) << 4)
+        out = d[..., None] * sc[..., None] * q - dmin[..., None] * mn[..., None]
+    else:  # Q6_K: ql[128], qh[64], scales[16] (int8), d; two halves of 128
+        ql = b[..., 0:128].astype(np.int32).reshape(rows, -1, 2, 2, 32)  # [half, lo/hi 32, l]
+        qh = b[..., 128:192].astype(np.int32).reshape(rows, -1, 2, 1, 32)
+        scales = b[..., 192:208].view(np.int8).astype(np.float32).reshape(rows, -1, 2, 8)
+        d = _f16(b[..., 208:210])
+        low = np.concatenate([ql & 0xF, ql >> 4], axis=3)  # [.., half, 4 quarters, 32]
+        shifts = np.array([0, 2, 4, 6]).reshape(4, 1)
+        q = (low | (((qh >> shifts) & 3) << 4)) - 32  # quarter k: shift 2k
+        sub = scales.reshape(rows, -1, 2, 4, 2)[..., None]  # [.., half, quarter, 16-group]
+        out = d[..., None, None, None] * sub * q.reshape(rows, -1, 2, 4, 2, 16)
+    return out.reshape(rows, -1).astype(np.float32)
+
+
+def gguf_table(path: Path) -> tuple[list[tuple[str, tuple[int, ...], int, int]], int]:
+    """The tensor table of a GGUF file, walked with ``struct`` (``gguf.GGUFReader`` takes
+    seconds on a 262k-token vocabulary): [(name, (ne0, ne1, ...), block type id, offset)] and
+    the file offset where tensor data starts."""
+    import struct
+
+    data = Path(path).read_bytes()
+    sizes = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+    def string(pos):
+        (length,) = struct.unpack_from("<Q", data, pos)
+        return data[pos + 8:pos + 8 + length].decode(), pos + 8 + length
+
+    def skip(pos, kind):
+        if kind in sizes:
+            return pos + sizes[kind]
+        if kind == 8:
+            return string(pos)[1]
+        item, count = struct.unpack_from("<IQ", data, pos)
+        pos += 12
+        if item in sizes:
+            return pos + count * sizes[item]
+        for _ in range(count):
+            pos = skip(pos, item)
+        return pos
+
+    _, tensors, kvs = struct.unpack_from("<IQQ", data, 4)
+    pos, alignment = 24, 32
+    for _ in range(kvs):
+        key, pos = string(pos)
+        (kind,) = struct.unpack_from("<I", data, pos)
+        if key == "general.alignment":
+            (alignment,) = struct.unpack_from("<I", data, pos + 4)
+        pos = skip(pos + 4, kind)
+    table = []
+    for _ in range(tensors):
+        name, pos = string(pos)
+        (dims,) = struct.unpack_from("<I", data, pos)
+        shape = struct.unpack_from(f"<{dims}Q", data, pos + 4)
+        kind, offset = struct.unpack_from("<IQ", data, pos + 4 + 8 * dims)
+        pos += 4 + 8 * dims + 12
+        table.append((name, tuple(shape), kind, offset))
+    return table, -(-pos // alignment) * alignment
