@@ -18,6 +18,7 @@ soft-caps and alternating sliding layers, Gemma 3 with its sliding pattern), loa
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from types import SimpleNamespace
@@ -106,12 +107,14 @@ EXPECTED = {  # what each case must read as: the feature the case exists to test
                   rope_theta_global=500.0),
     "llama3-rope": dict(family="llama", tie_word_embeddings=False),
     "mistral": dict(family="mistral", sliding_window=WINDOW, layer_types=("sliding",) * 3),
-    "qwen2": dict(family="qwen2", qkv_bias=True, qk_norm=False, tie_word_embeddings=True),
+    "qwen2": dict(family="qwen2", qkv_bias=True, qk_norm=False, tie_word_embeddings=True,
+                  rope_scaling_factor=2.0),
     "qwen3": dict(family="qwen3", qkv_bias=False, qk_norm=True, tie_word_embeddings=False),
     "gemma2": dict(family="gemma2", norm_offset=1.0, sandwich_norms=True, attn_logit_softcap=4.0,
                    final_logit_softcap=8.0, query_pre_attn_scalar=24.0, sliding_window=WINDOW,
                    layer_types=("sliding", "global", "sliding", "global")),
-    "gemma3": dict(family="gemma3", qk_norm=True, sliding_window=WINDOW,
+    "gemma3": dict(family="gemma3", qk_norm=True, sliding_window=WINDOW, rope_scaling_factor=8.0,
+                   rope_theta_global=1_000_000.0, rope_theta_local=10_000.0,
                    layer_types=("sliding",) * 5 + ("global",)),
 }
 
@@ -124,6 +127,23 @@ def test_each_family_loads_natively_with_its_architecture(case):
     if case.name == "llama3-rope":
         scaling = target.config.rope_scaling
         assert scaling is not None and scaling.kind == "llama3" and scaling.factor == 8.0
+
+
+@pytest.mark.parametrize("case_name, change, what", [
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 8}, "use_sliding_window"),
+    ("llama", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10_000.0,
+                                   "original_max_position_embeddings": 128}}, "yarn"),
+])
+def test_options_the_native_model_lacks_are_refused_toward_the_hf_backend(tmp_path, case_name,
+                                                                          change, what):
+    model = family_model(case_name, seed=9)
+    folder = save_with_tokenizer(model, tmp_path / case_name)
+    raw = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**raw, **change}))
+    with pytest.raises(ModelLoadError, match="--backend hf") as info:
+        load_target(folder, "fp32", with_tokenizer=False)
+    assert what in str(info.value)
+    assert load_target(folder, "fp32", with_tokenizer=False, backend="hf").weight_format == "hf-fp32"
 
 
 def test_llama3_rope_reads_from_either_transformers_config_layout():
@@ -141,28 +161,41 @@ def test_llama3_rope_reads_from_either_transformers_config_layout():
     assert scaled[0] == pytest.approx(plain[0]) and scaled[-1] == pytest.approx(plain[-1] / 8.0)
 
 
-def test_the_feature_each_case_tests_changes_transformers_logits(case):
-    """Each case's feature (window, soft-caps, rope scaling or theta, QKV bias, QK-norm) changes
-    transformers' own logits for these prompts, so matching them is evidence the native model
-    implements it."""
+DEFAULT_ROPE = {"rope_type": "default", "rope_theta": 10_000.0}
+FEATURES = {  # case -> [(feature, config change, parameters to reset)] each case exists to test
+    "llama": [("rope theta 500", {"rope_parameters": DEFAULT_ROPE}, ())],
+    "llama3-rope": [("llama3 scaling", {"rope_parameters": DEFAULT_ROPE}, ())],
+    "mistral": [("window", {"sliding_window": None}, ())],
+    "qwen2": [("linear rope", {"rope_parameters": DEFAULT_ROPE}, ()),
+              ("qkv bias", {}, ("proj.bias",))],
+    "qwen3": [("qk norm", {}, ("q_norm.weight", "k_norm.weight"))],
+    "gemma2": [("attention soft-cap", {"attn_logit_softcapping": None}, ()),
+               ("final soft-cap", {"final_logit_softcapping": None}, ()),
+               ("query_pre_attn_scalar", {"query_pre_attn_scalar": 16}, ()),
+               ("window", {"sliding_window": 512}, ())],
+    "gemma3": [("window", {"sliding_window": 512}, ()),
+               ("linear global rope", {"rope_parameters": {
+                   "full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
+                   "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}}}, ())],
+}
+
+
+def test_the_features_each_case_tests_change_transformers_logits(case):
+    """Each case's features (window, soft-caps, query scale, rope scaling or theta, QKV bias,
+    QK-norm) change transformers' own logits for these prompts, so matching them is evidence the
+    native model implements them."""
     cfg = case.model.config
-    change = {"llama": {"rope_parameters": {"rope_type": "default", "rope_theta": 10_000.0}},
-              "llama3-rope": {"rope_parameters": {"rope_type": "default", "rope_theta": 10_000.0}},
-              "mistral": {"sliding_window": None},
-              "gemma2": {"attn_logit_softcapping": None, "final_logit_softcapping": None},
-              "gemma3": {"sliding_window": 512}}.get(case.name, {})
-    twin = build(cfg.__class__(**{**cfg.to_dict(), **change}))
-    twin.load_state_dict(case.model.state_dict())
-    with torch.no_grad():
-        for name, param in twin.named_parameters():
-            if case.name == "qwen2" and name.endswith("proj.bias"):
-                param.zero_()
-            if case.name == "qwen3" and name.endswith(("q_norm.weight", "k_norm.weight")):
-                param.fill_(1.0)
     tokens = random_tokens(40, 5)
     reference = hf_logits(case.model, tokens)
-    diff = (hf_logits(twin, tokens) - reference).abs().max().item()
-    assert diff > 100 * RTOL * reference.abs().max().item()
+    for feature, change, reset in FEATURES[case.name]:
+        twin = build(cfg.__class__(**{**cfg.to_dict(), **change}))
+        twin.load_state_dict(case.model.state_dict())
+        with torch.no_grad():
+            for name, param in twin.named_parameters():
+                if name.endswith(reset or ("-",)):
+                    param.fill_(1.0 if name.endswith("norm.weight") else 0.0)
+        diff = (hf_logits(twin, tokens) - reference).abs().max().item()
+        assert diff > 100 * RTOL * reference.abs().max().item(), feature
 
 
 # --- logits against transformers -----------------------------------------------------------------
@@ -247,7 +280,8 @@ def test_a_changed_config_json_is_not_served_from_a_stale_packed_model(case, tmp
     shutil.copytree(case.folder, folder)
     raw = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**raw, **change}))
-    edited = load_target(folder, "fp32", with_tokenizer=False)
+    with pytest.warns(UserWarning, match="another configuration"):  # rebuilt, not served stale
+        edited = load_target(folder, "fp32", with_tokenizer=False)
     for field, value in change.items():
         assert getattr(edited.config, field) == value
         assert getattr(edited.model.config, field) == value
@@ -268,12 +302,30 @@ def test_gguf_of_each_family_matches_transformers(case):
     assert target.config.family == GGUF_ARCH[case.model.config.model_type]
     if case.name == "llama3-rope":
         assert target.config.rope_scaling.kind == "table"
+    folder_config = load_weights(case.folder, with_tensors=False).config
+    for is_global in (True, False):  # the same rotary tables, however the scaling is written
+        assert target.config.rope_inv_freq(is_global) == pytest.approx(
+            folder_config.rope_inv_freq(is_global), rel=1e-6)
+    assert target.config.rms_norm_eps == pytest.approx(folder_config.rms_norm_eps)
+    representation = {"name", "rms_norm_eps", "rope_scaling", "rope_scaling_factor",
+                      "query_pre_attn_scalar" if case.name == "gemma2" else "-"}
+    for field in dataclasses.fields(folder_config):
+        if field.name not in representation:
+            assert getattr(target.config, field.name) == getattr(folder_config, field.name), field
+    # float32 tensors come back exactly as the folder's (Gemma norms: as float32 (1 + w) - 1)
+    from_gguf, from_folder = load_weights(path).tensors, load_weights(case.folder).tensors
+    assert set(from_gguf) == set(from_folder)
+    for name, tensor in from_folder.items():
+        if case.name.startswith("gemma") and name.endswith("norm.weight"):
+            tensor = (tensor + 1.0) - 1.0
+        assert torch.equal(from_gguf[name], tensor), name
     reference = gguf_reference(case.model)
     tokens = random_tokens(40, 21)
     assert_close(run(target.model, target.model.new_cache(1, 64), [tokens], [list(range(40))])[0],
                  hf_logits(reference, tokens), "GGUF prefill")
-    out = Engine(target.model, proposer=NgramProposer()).generate([REPEATS], options())[0]
-    assert out.token_ids == hf_greedy(reference, REPEATS, NEW)
+    both = Engine(target.model, proposer=NgramProposer()).generate([REPEATS, SHORT], options())
+    assert both[0].token_ids == hf_greedy(reference, REPEATS, NEW)
+    assert both[1].token_ids == hf_greedy(reference, SHORT, NEW)
     text = "the rain in spain"
     ids = target.tokenizer.encode(text)
     assert ids[0] == 2 and len(ids) > 2 and all(0 <= i < 512 for i in ids)

@@ -1,9 +1,9 @@
 """Tiny random models of every native decoder family, as transformers models, HF folders and GGUFs.
 
 ``family_model(case)`` builds a transformers model of one case (Llama, Llama with llama3 rope
-scaling, Mistral with a small sliding window, Qwen2 with QKV bias and a tied head, Qwen3 with
-QK-norm, Gemma 2 with both soft-caps and alternating sliding layers, Gemma 3 with its sliding
-pattern) with random weights (norm scales and biases included) and eager attention, so its logits
+scaling, Mistral with a small sliding window, Qwen2 with QKV bias, a tied head and linear rope
+scaling, Qwen3 with QK-norm, Gemma 2 with both soft-caps and alternating sliding layers, Gemma 3
+with its sliding pattern and linear scaling of its global layers) with random weights (norm scales and biases included) and eager attention, so its logits
 are the reference. ``write_gguf`` writes the same weights as llama.cpp's converter would lay them
 out (Gemma norms stored as ``1 + w``; Llama/Mistral q/k rows interleaved for llama.cpp's rotary;
 Llama 3.1 rope scaling as a ``rope_freqs`` divisor table), with a minimal tokenizer and any mix of
@@ -46,7 +46,9 @@ def family_config(case: str):
     if case == "mistral":
         return transformers.MistralConfig(**base, sliding_window=WINDOW, tie_word_embeddings=False)
     if case == "qwen2":
-        return transformers.Qwen2Config(**base, tie_word_embeddings=True)
+        return transformers.Qwen2Config(**base, tie_word_embeddings=True,
+                                        rope_parameters={"rope_type": "linear", "factor": 2.0,
+                                                         "rope_theta": 10_000.0})
     if case == "qwen3":
         return transformers.Qwen3Config(**base, tie_word_embeddings=False)
     if case == "gemma2":
@@ -58,7 +60,12 @@ def family_config(case: str):
         base.update(num_hidden_layers=len(GEMMA3_LAYERS))
         return transformers.Gemma3TextConfig(**base, sliding_window=WINDOW,
                                              layer_types=list(GEMMA3_LAYERS),
-                                             query_pre_attn_scalar=16,
+                                             query_pre_attn_scalar=16, rope_parameters={
+                                                 "full_attention": {"rope_type": "linear",
+                                                                    "factor": 8.0,
+                                                                    "rope_theta": 1_000_000.0},
+                                                 "sliding_attention": {"rope_type": "default",
+                                                                       "rope_theta": 10_000.0}},
                                              hidden_activation="gelu_pytorch_tanh")
     raise KeyError(case)
 
@@ -245,6 +252,9 @@ def write_gguf(path: Path, model, types: dict[str, object] | None = None,
     if "full_attention" in rope:
         rope = rope["full_attention"]
     writer.add_float32(key("rope.freq_base"), float(rope.get("rope_theta", 10_000.0)))
+    if rope.get("rope_type") == "linear":
+        writer.add_string(key("rope.scaling.type"), "linear")
+        writer.add_float32(key("rope.scaling.factor"), float(rope["factor"]))
     if getattr(cfg, "sliding_window", None):
         writer.add_uint32(key("attention.sliding_window"), cfg.sliding_window)
     if family == "gemma2":
