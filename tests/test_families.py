@@ -151,7 +151,8 @@ def test_options_the_native_model_lacks_are_refused_toward_the_hf_backend(tmp_pa
     with pytest.raises(ModelLoadError, match="--backend hf") as info:
         load_target(folder, "fp32", with_tokenizer=False)
     assert what in str(info.value)
-    assert load_target(folder, "fp32", with_tokenizer=False, backend="hf").weight_format == "hf-fp32"
+    fallback = load_target(folder, "fp32", with_tokenizer=False, backend="hf")
+    assert fallback.weight_format == "hf-fp32"
 
 
 def test_llama3_rope_reads_from_either_transformers_config_layout():
@@ -373,7 +374,8 @@ def quantized(tmp_path_factory, private_cache):
     reader = gguf.GGUFReader(str(path))
     decoded = {t.name: (t.tensor_type, dequantize(t.data, t.tensor_type).astype(np.float32))
                for t in reader.tensors}
-    raw = {t.name: np.array(t.data).view(np.uint8).reshape(len(t.data) if t.data.ndim > 1 else 1, -1)
+    raw = {t.name: np.array(t.data).view(np.uint8).reshape(len(t.data) if t.data.ndim > 1 else 1,
+                                                            -1)
            for t in reader.tensors}  # [rows, bytes]
     del reader
     state = {}

@@ -3,12 +3,16 @@
 ``family_model(case)`` builds a transformers model of one case (Llama, Llama with llama3 rope
 scaling, Mistral with a small sliding window, Qwen2 with QKV bias, a tied head and linear rope
 scaling, Qwen3 with QK-norm, Gemma 2 with both soft-caps and alternating sliding layers, Gemma 3
-with its sliding pattern and linear scaling of its global layers) with random weights (norm scales and biases included) and eager attention, so its logits
-are the reference. ``write_gguf`` writes the same weights as llama.cpp's converter would lay them
-out (Gemma norms stored as ``1 + w``; Llama/Mistral q/k rows interleaved for llama.cpp's rotary;
-Llama 3.1 rope scaling as a ``rope_freqs`` divisor table), with a minimal tokenizer and any mix of
-block types. The conversions here are written from the formats' descriptions, not taken from
-``mtpspec.loading``, so the tests check one against the other.
+with its sliding pattern and linear scaling of its global layers) with random weights (norm scales
+and biases included) and eager attention, so its logits are the reference. ``write_gguf`` writes
+the same weights as llama.cpp's converter lays them out (Gemma norms stored as ``1 + w``;
+Llama/Mistral q/k rows interleaved for llama.cpp's rotary; Llama 3.1 rope scaling as a
+``rope_freqs`` divisor table; linear scaling as metadata), with a minimal tokenizer and any mix of
+block types (``random_k_quant`` makes valid blocks of the K-quants the gguf package cannot
+quantize). ``decode_blocks`` decodes every supported block type from its layout, and
+``gguf_table``/``gguf_tensor_table`` locate tensors and table fields in a file. All of it is
+written from the formats' descriptions, not taken from ``mtpspec``, so the tests check one against
+the other.
 """
 from __future__ import annotations
 
@@ -114,8 +118,9 @@ def gguf_reference(model):
 
 GGUF_ARCH = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3",
              "gemma2": "gemma2", "gemma3_text": "gemma3"}
-_LAYER = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-          "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+_LAYER = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q",
+          "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+          "self_attn.o_proj": "attn_output",
           "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
           "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm",
           "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
@@ -124,7 +129,8 @@ _LAYER = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_at
 def gguf_name(hf_name: str, sandwich: bool) -> str:
     """llama.cpp's name of an HF tensor (``post_attention_layernorm`` is the pre-MLP norm
     ``ffn_norm`` in Llama-style models, Gemma's post-attention norm in sandwich ones)."""
-    top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+    top = {"model.embed_tokens.weight": "token_embd.weight",
+           "model.norm.weight": "output_norm.weight",
            "lm_head.weight": "output.weight"}
     if hf_name in top:
         return top[hf_name]
@@ -200,7 +206,7 @@ def spm_vocab() -> tuple[list[str], list[float], list[int]]:
 
 def bpe_vocab() -> tuple[list[str], list[str], list[int]]:
     """A GPT-2-style byte-level vocabulary of VOCAB tokens: specials, 256 bytes, merged pairs."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
     chars, extra = {}, 0
     for byte in range(256):
         if byte in printable:
@@ -312,9 +318,10 @@ def random_k_quant(array: np.ndarray, kind, seed: int = 0) -> np.ndarray:
     raw = rng.integers(0, 256, size=(rows, blocks, size), dtype=np.uint8)
     target = 1.0 / np.sqrt(cols)
     if kind.name == "Q6_K":  # ql[128] qh[64] scales[16] (int8) d (f16): d * scale * (q - 32)
-        raw[..., 208:210] = np.full((rows, blocks), target / 1000, np.float16)[..., None].view(np.uint8)
+        d = np.full((rows, blocks, 1), target / 1000, np.float16)
+        raw[..., 208:210] = d.view(np.uint8)
     else:  # d (f16), dmin (f16), 6-bit scales and mins, quants: d * sc * q - dmin * m
-        levels = 15.5 if kind.name == "Q4_K" else 31.5  # dmin/d that centres q around 0
+        levels = 15.5 if kind.name == "Q4_K" else 31.5  # dmin = d * levels / 2 centres q
         d = np.full((rows, blocks), target / (32 * levels), np.float16)
         raw[..., 0:2] = d[..., None].view(np.uint8)
         raw[..., 2:4] = (d * levels / 2).astype(np.float16)[..., None].view(np.uint8)
@@ -332,7 +339,8 @@ def gguf_tensor_table(path: Path) -> dict[str, dict]:
     out = {}
     for tensor in reader.tensors:
         _, _, dims, _, kind, offset = tensor.field.parts[:6]
-        out[tensor.name] = {"type_at": kind.ctypes.data - base, "offset_at": offset.ctypes.data - base,
+        out[tensor.name] = {"type_at": kind.ctypes.data - base,
+                            "offset_at": offset.ctypes.data - base,
                             "dims_at": dims.ctypes.data - base, "n_dims": int(dims[0])}
     del reader
     return out
