@@ -51,8 +51,8 @@ from mtpspec.runtime import load_target  # noqa: E402
 
 from tiny_families import (CASES, GGUF_ARCH, LLAMA3_ROPE, WINDOW, build,  # noqa: E402
                            decode_blocks, family_config, family_model, gguf_name, gguf_reference,
-                           gguf_table, gguf_tensor_table, interleave_rotary_rows, random_k_quant,
-                           write_gguf)
+                           gguf_table, gguf_tensor_table, interleave_rotary_rows,
+                           llama3_rope_divisors, random_k_quant, write_gguf)
 from tiny_gemma4 import hf_greedy, save_with_tokenizer  # noqa: E402
 
 NEW = 32
@@ -155,19 +155,34 @@ def test_options_the_native_model_lacks_are_refused_toward_the_hf_backend(tmp_pa
     assert fallback.weight_format == "hf-fp32"
 
 
-def test_llama3_rope_reads_from_either_transformers_config_layout():
-    """transformers 5's ``rope_parameters`` and 4.x's ``rope_scaling`` + ``rope_theta`` describe
-    the same rotary tables."""
-    raw = family_config("llama3-rope").to_dict()
-    new = config_from_hf(raw)
-    legacy = {k: v for k, v in raw.items() if k != "rope_parameters"}
-    legacy["rope_theta"] = LLAMA3_ROPE["rope_theta"]
-    legacy["rope_scaling"] = {k: v for k, v in LLAMA3_ROPE.items() if k != "rope_theta"}
-    old = config_from_hf(legacy)
-    assert old.rope_scaling == new.rope_scaling and old.rope_theta_global == new.rope_theta_global
-    scaled = new.rope_inv_freq(True)
+def legacy_config(raw: dict) -> dict:
+    """A transformers 5 ``config.json`` as transformers 4.x wrote it: ``rope_theta`` (+
+    ``rope_local_base_freq``) and ``rope_scaling`` instead of ``rope_parameters``, no
+    ``layer_types`` (Gemma 3: ``sliding_window_pattern``)."""
+    legacy = {k: v for k, v in raw.items() if k not in ("rope_parameters", "layer_types")}
+    rope = raw.get("rope_parameters") or {}
+    if "full_attention" in rope:
+        legacy["rope_local_base_freq"] = rope["sliding_attention"]["rope_theta"]
+        legacy["sliding_window_pattern"] = 6
+        rope = rope["full_attention"]
+    legacy["rope_theta"] = rope["rope_theta"]
+    if rope.get("rope_type", "default") != "default":
+        legacy["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+    return legacy
+
+
+@pytest.mark.parametrize("case_name", CASES)
+def test_transformers_4_config_layouts_read_the_same(case_name):
+    raw = family_config(case_name).to_dict()
+    assert config_from_hf(legacy_config(raw)) == config_from_hf(raw)
+
+
+def test_llama3_rope_scaling_rescales_each_frequency_as_llama_cpp_tabulates_it():
+    scaled = config_from_hf(family_config("llama3-rope").to_dict()).rope_inv_freq(True)
+    divisors = llama3_rope_divisors(LLAMA3_ROPE, 16)
+    assert divisors[0] == 1.0 and 1.0 < divisors[1] < divisors[2] < 8.0 == divisors[-1]
     plain = [1.0 / 10_000.0 ** (2 * i / 16) for i in range(8)]
-    assert scaled[0] == pytest.approx(plain[0]) and scaled[-1] == pytest.approx(plain[-1] / 8.0)
+    assert scaled == pytest.approx([f / d for f, d in zip(plain, divisors)], rel=1e-6)
 
 
 DEFAULT_ROPE = {"rope_type": "default", "rope_theta": 10_000.0}
