@@ -192,8 +192,12 @@ def config_from_hf(raw: dict) -> ModelConfig:
     hidden = int(text["hidden_size"])
     layers = int(text["num_hidden_layers"])
     head_dim = int(text.get("head_dim") or hidden // heads)
-    if family.name == "qwen2" and text.get("use_sliding_window"):
-        raise ModelLoadError("Qwen2 with use_sliding_window is not supported natively; " + FALLBACK_HINT)
+    if family.name in ("qwen2", "qwen3") and text.get("use_sliding_window") and not text.get(
+            "layer_types"):
+        # which layers slide (``max_window_layers``) changed meaning across transformers
+        # versions; only an explicit ``layer_types`` (transformers 5) says it unambiguously
+        raise ModelLoadError(f"{model_type} with use_sliding_window and no layer_types is not "
+                             "supported natively; " + FALLBACK_HINT)
     global_rope = _rope_of(text, "full_attention")
     local_rope = _rope_of(text, "sliding_attention")
     theta_global = float(global_rope.get("rope_theta") or text.get("rope_theta") or 10_000.0)

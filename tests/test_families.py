@@ -138,7 +138,10 @@ def test_each_family_loads_natively_with_its_architecture(case):
 
 
 @pytest.mark.parametrize("case_name, change, what", [
-    ("qwen2", {"use_sliding_window": True, "sliding_window": 8}, "use_sliding_window"),
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 8, "layer_types": None},
+     "use_sliding_window"),
+    ("qwen3", {"use_sliding_window": True, "sliding_window": 8, "layer_types": None},
+     "use_sliding_window"),
     ("llama", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10_000.0,
                                    "original_max_position_embeddings": 128}}, "yarn"),
 ])
@@ -153,6 +156,23 @@ def test_options_the_native_model_lacks_are_refused_toward_the_hf_backend(tmp_pa
     assert what in str(info.value)
     fallback = load_target(folder, "fp32", with_tokenizer=False, backend="hf")
     assert fallback.weight_format == "hf-fp32"
+
+
+@pytest.mark.parametrize("case_name", ["qwen2", "qwen3"])
+def test_qwen_sliding_layers_named_by_layer_types_match_transformers(tmp_path, case_name):
+    """Qwen2/3 with ``use_sliding_window``: transformers 5 names the sliding layers in
+    ``layer_types`` (here the layers from ``max_window_layers`` = 1 on), and the native model
+    follows them."""
+    cfg = family_config(case_name)
+    cfg = cfg.__class__(**{**cfg.to_dict(), "use_sliding_window": True, "sliding_window": WINDOW,
+                           "max_window_layers": 1, "layer_types": None})
+    model = build(cfg, seed=11)
+    target = load_target(save_with_tokenizer(model, tmp_path / case_name), "fp32",
+                         with_tokenizer=False)
+    assert target.config.layer_types == ("global", "sliding", "sliding")
+    tokens = random_tokens(40, 12)
+    assert_close(run(target.model, target.model.new_cache(1, 64), [tokens], [list(range(40))])[0],
+                 hf_logits(model, tokens), f"{case_name} with sliding layers")
 
 
 def legacy_config(raw: dict) -> dict:
