@@ -9,7 +9,7 @@ logits, loaded natively:
 - logits of a prefill, of one-token decode steps, of a verification block written after a prefix
   (also over a rolled-back block) and of a ragged batch match transformers' fp32 eager logits;
 - greedy continuations of 32 tokens equal transformers' ``generate``, plain, with n-gram
-  speculation and in a batch; in int8, speculation equals plain decoding;
+  speculation and in a batch; in int8, int4 and bf16, speculation equals plain decoding;
 - an edited ``config.json`` beside the same weights is not served the model packed under the old
   one, and options the native model lacks (Qwen2's sliding window, yarn) point to ``--backend hf``;
 - the same weights written as a GGUF (llama.cpp's conventions: Gemma norms as ``1 + w``, Llama
@@ -305,14 +305,18 @@ def test_greedy_32_tokens_equal_transformers_plain_speculative_and_batched(case)
     assert both[1].token_ids == hf_greedy(case.model, SHORT, NEW)
 
 
-def test_int8_speculation_is_lossless(case):
-    target = load_target(case.folder, "int8", with_tokenizer=False)
-    assert target.weight_format == "int8"
+@pytest.mark.parametrize("weights", ["int8", "int4", "bf16"])
+def test_packed_formats_speculation_is_lossless(case, weights):
+    target = load_target(case.folder, weights, with_tokenizer=False)
+    assert target.weight_format == weights and target.model.weight_format == weights
     plain = Engine(target.model).generate([REPEATS, SHORT], options())
     spec = Engine(target.model, proposer=NgramProposer()).generate([REPEATS, SHORT], options())
     assert [r.token_ids for r in spec] == [r.token_ids for r in plain]
     alone = Engine(target.model, proposer=NgramProposer()).generate([SHORT], options())[0]
     assert alone.token_ids == plain[1].token_ids
+    stored = load_target(case.folder, weights, with_tokenizer=False)  # read back, not repacked
+    again = Engine(stored.model).generate([REPEATS, SHORT], options())
+    assert [r.token_ids for r in again] == [r.token_ids for r in plain]
 
 
 def test_a_changed_config_json_is_not_served_from_a_stale_packed_model(case, tmp_path):
