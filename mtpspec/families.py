@@ -229,7 +229,10 @@ def config_from_hf(raw: dict) -> ModelConfig:
         layer_types=_layer_types(family, layers, window if family.name != "gemma3" else 512,
                                  text.get("layer_types"), int(text.get("sliding_window_pattern") or 6)),
         family=family.name,
-        attn_logit_softcap=float(text.get("attn_logit_softcapping") or 0.0),
+        # transformers' Gemma 3 reads attn_logit_softcapping but never applies it (nor does
+        # llama.cpp), so it is not ours to apply either
+        attn_logit_softcap=(float(text.get("attn_logit_softcapping") or 0.0)
+                            if family.name != "gemma3" else 0.0),
         final_logit_softcap=float(text.get("final_logit_softcapping") or 0.0),
         **arch_fields,
     )
