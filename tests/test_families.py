@@ -175,6 +175,24 @@ def test_qwen_sliding_layers_named_by_layer_types_match_transformers(tmp_path, c
                  hf_logits(model, tokens), f"{case_name} with sliding layers")
 
 
+@pytest.mark.parametrize("change", [
+    {"final_logit_softcapping": 5.0}, {"tie_word_embeddings": False},
+    {"attn_logit_softcapping": 3.0}, {"attn_logit_softcapping": 3.0, "tie_word_embeddings": False}])
+def test_gemma3_variants_the_fused_model_lacks_still_match_transformers(tmp_path, change):
+    """A Gemma 3 with a final soft-cap or its own LM head (which ``Gemma3Model`` lacks) runs on
+    the generic decoder; an attention soft-cap, which transformers' Gemma 3 ignores, is ignored."""
+    cfg = family_config("gemma3")
+    model = build(cfg.__class__(**{**cfg.to_dict(), **change}), seed=13)
+    target = load_target(save_with_tokenizer(model, tmp_path / "g3"), "fp32", with_tokenizer=False)
+    tokens = random_tokens(40, 14)
+    assert_close(run(target.model, target.model.new_cache(1, 64), [tokens], [list(range(40))])[0],
+                 hf_logits(model, tokens), f"gemma3 with {change}")
+    fused = change.keys() == {"attn_logit_softcapping"}
+    assert isinstance(target.model, Gemma3Model if fused else DecoderModel)
+    out = Engine(target.model, proposer=NgramProposer()).generate([REPEATS], options())[0]
+    assert out.token_ids == hf_greedy(model, REPEATS, NEW)
+
+
 def legacy_config(raw: dict) -> dict:
     """A transformers 5 ``config.json`` as transformers 4.x wrote it: ``rope_theta`` (+
     ``rope_local_base_freq``) and ``rope_scaling`` instead of ``rope_parameters``, no
