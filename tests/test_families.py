@@ -402,6 +402,30 @@ def test_gguf_of_each_family_matches_transformers(case):
     assert again.config == target.config
 
 
+def test_gguf_gemma2_27b_shape_scales_queries_by_hidden_over_heads(tmp_path):
+    """llama.cpp's Gemma 2 GGUF has no query_pre_attn_scalar: the 46-layer (27B) shape scales
+    queries by (hidden / heads) ** -0.5, every other by head_dim ** -0.5."""
+    cfg = family_config("gemma2")
+    cfg = cfg.__class__(**{**cfg.to_dict(), "hidden_size": 96, "num_hidden_layers": 46,
+                           "layer_types": None, "query_pre_attn_scalar": 96 // 4})
+    model = build(cfg, seed=15)
+    target = load_target(write_gguf(tmp_path / "g2-27b.gguf", model), "fp32",
+                         with_tokenizer=False)
+    assert target.config.query_pre_attn_scalar == 24.0
+    tokens = random_tokens(24, 16)
+    assert_close(run(target.model, target.model.new_cache(1, 64), [tokens], [list(range(24))])[0],
+                 hf_logits(model, tokens), "Gemma 2 27B-shaped GGUF")
+
+
+@pytest.mark.parametrize("key, value, what", [("rope.scaling.type", "yarn", "yarn"),
+                                              ("attention.head_count_kv", [2, 2, 1], "per-layer")])
+def test_gguf_options_the_native_model_lacks_are_refused(tmp_path, key, value, what):
+    model = family_model("llama", seed=17)
+    path = write_gguf(tmp_path / "odd.gguf", model, extra={f"llama.{key}": value})
+    message = load_error(path)
+    assert what in message and "--backend hf" in message
+
+
 # --- every supported block type -------------------------------------------------------------------
 
 QUANT_LAYOUT = {  # tensor -> block type: every supported type, the K-quants where rows allow 256

@@ -229,12 +229,13 @@ def bpe_vocab() -> tuple[list[str], list[str], list[int]]:
 
 def write_gguf(path: Path, model, types: dict[str, object] | None = None,
                tokenizer: str = "llama", arch: str | None = None,
-               encode=None) -> Path:
+               encode=None, extra: dict[str, object] | None = None) -> Path:
     """Write ``model`` as a GGUF file at ``path``.
 
     types: tensor name -> a ``gguf.GGMLQuantizationType`` (default F32 for everything);
     encode: (name, float array, type) -> the raw block bytes ``[rows, bytes]`` of a type the gguf
-    package cannot quantize (the K-quants). arch: overrides ``general.architecture``.
+    package cannot quantize (the K-quants). arch: overrides ``general.architecture``; extra:
+    metadata written instead of (or besides) the usual keys.
     """
     import gguf
     from gguf.quants import quantize
@@ -242,47 +243,50 @@ def write_gguf(path: Path, model, types: dict[str, object] | None = None,
     cfg = model.config
     family = GGUF_ARCH[cfg.model_type]
     arch = arch or family
-    writer = gguf.GGUFWriter(str(path), arch)
-    key = lambda name: f"{arch}.{name}"  # noqa: E731
-    writer.add_string("general.name", f"tiny-{family}")
-    writer.add_uint32(key("context_length"), cfg.max_position_embeddings)
-    writer.add_uint32(key("embedding_length"), cfg.hidden_size)
-    writer.add_uint32(key("block_count"), cfg.num_hidden_layers)
-    writer.add_uint32(key("feed_forward_length"), cfg.intermediate_size)
-    writer.add_uint32(key("attention.head_count"), cfg.num_attention_heads)
-    writer.add_uint32(key("attention.head_count_kv"), cfg.num_key_value_heads)
-    writer.add_uint32(key("attention.key_length"), cfg.head_dim)
-    writer.add_uint32(key("attention.value_length"), cfg.head_dim)
-    writer.add_float32(key("attention.layer_norm_rms_epsilon"), cfg.rms_norm_eps)
     rope = getattr(cfg, "rope_parameters", None) or {}
-    if "full_attention" in rope:
-        rope = rope["full_attention"]
-    writer.add_float32(key("rope.freq_base"), float(rope.get("rope_theta", 10_000.0)))
+    rope = rope.get("full_attention", rope)
+    meta = {"general.name": f"tiny-{family}"}
+    meta.update({f"{arch}.{name}": value for name, value in {
+        "context_length": cfg.max_position_embeddings, "embedding_length": cfg.hidden_size,
+        "block_count": cfg.num_hidden_layers, "feed_forward_length": cfg.intermediate_size,
+        "attention.head_count": cfg.num_attention_heads,
+        "attention.head_count_kv": cfg.num_key_value_heads,
+        "attention.key_length": cfg.head_dim, "attention.value_length": cfg.head_dim,
+        "attention.layer_norm_rms_epsilon": float(cfg.rms_norm_eps),
+        "rope.freq_base": float(rope.get("rope_theta", 10_000.0)),
+    }.items()})
     if rope.get("rope_type") == "linear":
-        writer.add_string(key("rope.scaling.type"), "linear")
-        writer.add_float32(key("rope.scaling.factor"), float(rope["factor"]))
+        meta[f"{arch}.rope.scaling.type"] = "linear"
+        meta[f"{arch}.rope.scaling.factor"] = float(rope["factor"])
     if getattr(cfg, "sliding_window", None):
-        writer.add_uint32(key("attention.sliding_window"), cfg.sliding_window)
+        meta[f"{arch}.attention.sliding_window"] = cfg.sliding_window
     if family == "gemma2":
-        writer.add_float32(key("attn_logit_softcapping"), cfg.attn_logit_softcapping)
-        writer.add_float32(key("final_logit_softcapping"), cfg.final_logit_softcapping)
+        meta[f"{arch}.attn_logit_softcapping"] = float(cfg.attn_logit_softcapping)
+        meta[f"{arch}.final_logit_softcapping"] = float(cfg.final_logit_softcapping)
     if tokenizer == "llama":
         tokens, scores, token_types = spm_vocab()
-        writer.add_string("tokenizer.ggml.model", "llama")
-        writer.add_array("tokenizer.ggml.tokens", tokens)
-        writer.add_array("tokenizer.ggml.scores", scores)
-        writer.add_array("tokenizer.ggml.token_type", token_types)
-        writer.add_uint32("tokenizer.ggml.unknown_token_id", 3)
+        meta.update({"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens,
+                     "tokenizer.ggml.scores": scores, "tokenizer.ggml.token_type": token_types,
+                     "tokenizer.ggml.unknown_token_id": 3})
     else:
         tokens, merges, token_types = bpe_vocab()
-        writer.add_string("tokenizer.ggml.model", "gpt2")
-        writer.add_string("tokenizer.ggml.pre", "qwen2" if family.startswith("qwen") else "default")
-        writer.add_array("tokenizer.ggml.tokens", tokens)
-        writer.add_array("tokenizer.ggml.merges", merges)
-        writer.add_array("tokenizer.ggml.token_type", token_types)
-    writer.add_uint32("tokenizer.ggml.bos_token_id", 2)
-    writer.add_uint32("tokenizer.ggml.eos_token_id", 1)
-    writer.add_uint32("tokenizer.ggml.padding_token_id", 0)
+        meta.update({"tokenizer.ggml.model": "gpt2",
+                     "tokenizer.ggml.pre": "qwen2" if family.startswith("qwen") else "default",
+                     "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.merges": merges,
+                     "tokenizer.ggml.token_type": token_types})
+    meta.update({"tokenizer.ggml.bos_token_id": 2, "tokenizer.ggml.eos_token_id": 1,
+                 "tokenizer.ggml.padding_token_id": 0})
+    meta.update(extra or {})
+    writer = gguf.GGUFWriter(str(path), arch)
+    for name, value in meta.items():
+        if isinstance(value, str):
+            writer.add_string(name, value)
+        elif isinstance(value, list):
+            writer.add_array(name, value)
+        elif isinstance(value, float):
+            writer.add_float32(name, value)
+        else:
+            writer.add_uint32(name, value)
     for name, array in gguf_tensors(model).items():
         kind = (types or {}).get(name, gguf.GGMLQuantizationType.F32)
         if kind == gguf.GGMLQuantizationType.F32:
