@@ -11,10 +11,14 @@ logits, loaded natively:
 - greedy continuations of 32 tokens equal transformers' ``generate``, plain, with n-gram
   speculation and in a batch; in int8, int4 and bf16, speculation equals plain decoding;
 - an edited ``config.json`` beside the same weights is not served the model packed under the old
-  one, and options the native model lacks (Qwen2's sliding window, yarn) point to ``--backend hf``;
+  one; Qwen2/3 sliding layers named by ``layer_types`` match, and options the native model lacks
+  (Qwen sliding windows without ``layer_types``, yarn, per-layer kv heads) point to
+  ``--backend hf``; Gemma 3 with a final soft-cap or an untied head (not in the fused
+  ``Gemma3Model``) still matches; transformers 4.x config layouts read the same;
 - the same weights written as a GGUF (llama.cpp's conventions: Gemma norms as ``1 + w``, Llama
-  q/k rows interleaved, Llama 3.1 rope scaling as a divisor table) load natively with the same
-  logits and a working tokenizer;
+  q/k rows interleaved, Llama 3.1 rope scaling as a divisor table, Gemma 2 27B's query scale)
+  load natively with the folder's config and float32 tensors, the same logits and greedy tokens,
+  and a working tokenizer;
 - every supported block type loads to exactly what ``gguf.quants.dequantize`` and decoders
   written here from the block layouts make of its bytes (random blocks, and real quantizer output
   sliced from the embedded SmolLM2 and Gemma 3 GGUFs), and a model of such tensors matches
