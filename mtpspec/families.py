@@ -205,8 +205,12 @@ def config_from_hf(raw: dict) -> ModelConfig:
     hidden = int(text["hidden_size"])
     layers = int(text["num_hidden_layers"])
     head_dim = int(text.get("head_dim") or hidden // heads)
-    if family.name == "qwen2" and text.get("use_sliding_window"):
-        raise ModelLoadError("Qwen2 with use_sliding_window is not supported natively; " + FALLBACK_HINT)
+    if family.name in ("qwen2", "qwen3") and text.get("use_sliding_window") and not text.get(
+            "layer_types"):
+        # which layers slide (``max_window_layers``) changed meaning across transformers
+        # versions; only an explicit ``layer_types`` (transformers 5) says it unambiguously
+        raise ModelLoadError(f"{model_type} with use_sliding_window and no layer_types is not "
+                             "supported natively; " + FALLBACK_HINT)
     global_rope = _rope_of(text, "full_attention")
     local_rope = _rope_of(text, "sliding_attention")
     theta_global = float(global_rope.get("rope_theta") or text.get("rope_theta") or 10_000.0)
@@ -242,7 +246,10 @@ def config_from_hf(raw: dict) -> ModelConfig:
         layer_types=_layer_types(family, layers, window if family.name != "gemma3" else 512,
                                  text.get("layer_types"), int(text.get("sliding_window_pattern") or 6)),
         family=family.name,
-        attn_logit_softcap=float(text.get("attn_logit_softcapping") or 0.0),
+        # transformers' Gemma 3 reads attn_logit_softcapping but never applies it (nor does
+        # llama.cpp), so it is not ours to apply either
+        attn_logit_softcap=(float(text.get("attn_logit_softcapping") or 0.0)
+                            if family.name != "gemma3" else 0.0),
         final_logit_softcap=float(text.get("final_logit_softcapping") or 0.0),
         **arch_fields,
     )

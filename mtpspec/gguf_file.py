@@ -34,6 +34,12 @@ def read_gguf_metadata(path: str | os.PathLike) -> dict[str, object]:
 
 def read_gguf_header(path: str | os.PathLike) -> tuple[dict[str, object], list[str]]:
     """The metadata and the names of the tensors a GGUF file holds (no tensor data is read)."""
+    metadata, table = _read_header(path)
+    return metadata, [name for name, _ in table]
+
+
+def _read_header(path: str | os.PathLike) -> tuple[dict[str, object], list[tuple[str, int]]]:
+    """The metadata and the (name, block type id) of every tensor in the table."""
     try:
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
             if buf[:4] != b"GGUF":
@@ -46,12 +52,14 @@ def read_gguf_header(path: str | os.PathLike) -> tuple[dict[str, object], list[s
                 key, pos = _read_string(buf, pos)
                 (value_type,) = struct.unpack_from("<I", buf, pos)
                 metadata[key], pos = _read_value(buf, pos + 4, value_type)
-            names = []
+            table = []
             for _ in range(tensor_count):
                 name, pos = _read_string(buf, pos)
                 (dims,) = struct.unpack_from("<I", buf, pos)
-                pos += 4 + 8 * dims + 4 + 8  # shape, block type, offset
-                names.append(name)
+                pos += 4 + 8 * dims  # shape
+                (block_type,) = struct.unpack_from("<I", buf, pos)
+                pos += 4 + 8  # block type, offset
+                table.append((name, block_type))
             if pos > len(buf):
                 raise struct.error("the tensor table runs past the end of the file")
     except (struct.error, UnicodeDecodeError, OverflowError, MemoryError) as err:
@@ -60,7 +68,7 @@ def read_gguf_header(path: str | os.PathLike) -> tuple[dict[str, object], list[s
         if isinstance(err, GGUFError):
             raise
         raise GGUFError(f"{path}: not a readable GGUF file ({err})") from err
-    return metadata, names
+    return metadata, table
 
 
 def _read_string(buf: mmap.mmap, pos: int) -> tuple[str, int]:
@@ -99,9 +107,17 @@ def read_gguf_tensors(path: str | os.PathLike) -> dict[str, "numpy.ndarray"]:  #
     under the file's own names. Raises ``GGUFError`` naming an unsupported block type or a
     truncated file."""
     import numpy as np
-    from gguf import GGUFReader
+    from gguf import GGMLQuantizationType, GGUFReader
     from gguf.quants import dequantize
 
+    for name, block_type in _read_header(path)[1]:  # before GGUFReader, which refuses unknown ids
+        try:
+            kind = GGMLQuantizationType(block_type).name
+        except ValueError:
+            kind = f"id {block_type} (unknown)"
+        if kind not in SUPPORTED_TENSOR_TYPES:
+            raise GGUFError(f"{path}: tensor {name} has block type {kind}, which is not "
+                            f"supported (supported: {', '.join(SUPPORTED_TENSOR_TYPES)})")
     try:
         reader = GGUFReader(str(path))
     except (ValueError, IndexError, struct.error, OSError) as err:
@@ -109,10 +125,6 @@ def read_gguf_tensors(path: str | os.PathLike) -> dict[str, "numpy.ndarray"]:  #
     size = os.path.getsize(path)
     tensors = {}
     for tensor in reader.tensors:
-        kind = tensor.tensor_type.name
-        if kind not in SUPPORTED_TENSOR_TYPES:
-            raise GGUFError(f"{path}: tensor {tensor.name} has block type {kind}, which is not "
-                            f"supported (supported: {', '.join(SUPPORTED_TENSOR_TYPES)})")
         if tensor.data_offset + tensor.n_bytes > size:
             raise GGUFError(f"{path}: tensor {tensor.name} runs past the end of the file (truncated)")
         try:

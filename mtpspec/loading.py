@@ -160,7 +160,9 @@ def load_gguf(path: Path, with_tensors: bool = True) -> LoadedWeights:
 
     try:
         meta, names = read_gguf_header(path)
-    except (GGUFError, OSError) as err:
+    except GGUFError as err:  # its message names the file and what is wrong
+        raise ModelLoadError(str(err)) from err
+    except OSError as err:
         raise ModelLoadError(f"{path}: not a readable GGUF file ({err})") from err
     config = config_from_gguf(meta, names)
     digest = file_sha256(path)

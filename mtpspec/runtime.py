@@ -56,9 +56,16 @@ def configure_threads() -> None:
     torch.set_num_threads(1)
 
 
+def runs_on_gemma3_model(config: ModelConfig) -> bool:
+    """Whether ``config`` takes the fused Gemma 3 path (``Gemma3Model``), which has a tied head
+    and no final soft-cap; a Gemma 3 with either runs on the generic ``DecoderModel``."""
+    return (config.family == "gemma3" and config.tie_word_embeddings
+            and not config.final_logit_softcap)
+
+
 def native_model(config: ModelConfig, tensors: dict[str, torch.Tensor], fmt: str):
     """The native model of ``config``'s family in format ``fmt`` (``dense`` for training)."""
-    model_cls = Gemma3Model if config.family == "gemma3" else DecoderModel
+    model_cls = Gemma3Model if runs_on_gemma3_model(config) else DecoderModel
     return model_cls(config, tensors, fmt)
 
 
@@ -165,7 +172,7 @@ def load_target(path: str | Path | None = None, weights: str = DEFAULT_WEIGHTS,
         raise ModelLoadError("--backend hf needs a Hugging Face model folder (transformers' GGUF "
                              "loading dequantizes to float and is not supported here)")
     loaded = load_weights(resolved, with_tensors=False)
-    if loaded.config.family == "gemma3":
+    if runs_on_gemma3_model(loaded.config):
         model = _cached_model(resolved, loaded, weights)
     else:
         model = _stored_model(loaded, weights)
