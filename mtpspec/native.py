@@ -14,6 +14,10 @@ native is loaded: one warning, then the portable path everywhere (``PackedLinear
 ``F.linear`` on the dequantized weight, the Python reference layers run, greedy tokens come from
 the full LM head). ``MTPSPEC_PORTABLE=1`` forces that path on any CPU (tests compare the two).
 
+``MTPSPEC_SANITIZE=undefined`` builds a separate copy with ``-fsanitize=undefined`` (run the
+per-op and stack tests under it to check the C++ for undefined behaviour; ASan needs the
+sanitizer runtime preloaded into Python, ``LD_PRELOAD=$(g++ -print-file-name=libasan.so)``).
+
 A build failure on a CPU that has the features is an error worth seeing: ``extension()`` warns
 and returns None, and ``require()`` (what the exactness tests call) raises it.
 
@@ -36,6 +40,7 @@ REQUIRED_FEATURES = ("avx2", "fma", "f16c")
 CFLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-Wall", "-Wextra",
           "-Wno-unused-parameter")
 PORTABLE_ENV = "MTPSPEC_PORTABLE"
+SANITIZE_ENV = "MTPSPEC_SANITIZE"  # e.g. "undefined": a UBSan build (its own cache entry)
 
 
 class NativeUnavailable(RuntimeError):
@@ -70,9 +75,19 @@ def portable_reason() -> str | None:
     return None
 
 
+def _flags() -> tuple[list[str], list[str]]:
+    """(compiler flags, linker flags), with the sanitizer of ``MTPSPEC_SANITIZE`` if set."""
+    sanitize = os.environ.get(SANITIZE_ENV, "")
+    if not sanitize:
+        return list(CFLAGS), []
+    extra = [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer", "-g"]
+    return [*CFLAGS, *extra], [f"-fsanitize={sanitize}"]
+
+
 def build_name() -> str:
     """Extension name: a hash of every source and header and of the flags."""
-    digest = hashlib.sha256(" ".join(CFLAGS).encode())
+    cflags, ldflags = _flags()
+    digest = hashlib.sha256(" ".join(cflags + ldflags).encode())
     for path in sorted(CSRC.iterdir()):
         if path.suffix in (".h", ".cpp"):
             digest.update(path.name.encode())
@@ -89,8 +104,9 @@ def _load():
     try:
         from torch.utils.cpp_extension import load
 
+        cflags, ldflags = _flags()
         module = load(name=build_name(), sources=[str(CSRC / s) for s in SOURCES],
-                      extra_cflags=list(CFLAGS), extra_include_paths=[str(CSRC)])
+                      extra_cflags=cflags, extra_ldflags=ldflags, extra_include_paths=[str(CSRC)])
         return module, None
     except (RuntimeError, OSError, ImportError) as err:  # no compiler / ninja, or a build error
         return None, f"native build failed: {err}"

@@ -101,6 +101,26 @@ def test_screen_at_other_vocabularies_and_widths(vocab, k, threads):
     assert torch.equal(ArgmaxScreen(head)(hidden), head(hidden).argmax(-1))
 
 
+@needs_native
+def test_calls_from_several_python_threads_give_the_serial_results(threads):
+    """The native calls run without the GIL: Python threads may enter them at once (they then
+    share the kernel pool one job at a time) and each gets its own, unchanged, numbers."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mtpspec.screen import ArgmaxScreen
+
+    gen = torch.Generator().manual_seed(5)
+    layer = PackedLinear.from_weight(torch.randn(3000, 320, generator=gen), "int8")
+    screen = ArgmaxScreen(layer)
+    xs = [torch.randn(r, 320, generator=gen) for r in (1, 3, 5, 8)]
+    serial = [(layer(x), screen(x)) for x in xs]
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(5):
+            results = list(pool.map(lambda x: (layer(x), screen(x)), xs))
+            for (y, t), (y0, t0) in zip(results, serial):
+                assert torch.equal(y, y0) and torch.equal(t, t0)
+
+
 PORTABLE_SCRIPT = """
 import json, torch
 from mtpspec import native

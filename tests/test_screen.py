@@ -126,6 +126,34 @@ def test_adversarial_near_ties_at_every_hidden_size(k, threads):
     assert torch.equal(screen(hidden), logits.argmax(-1))
 
 
+def _rounding_adversary(k: int) -> tuple[PackedLinear, torch.Tensor]:
+    """Token 0 = [127, 0, .., 0, 1, 1, ...] against x = [x0, 0, .., t, t, ...] with t just over half
+    an ulp of the running sum: every one of its K - 32 float32 additions rounds up, so its exact
+    (full-product) logit exceeds the real dot product by ~(K - 32) u |logit|, while the screen's
+    integer estimate is nearly exact. Token 17 (another panel) = [127, 5, 0, ...] sits just below
+    token 0's float32 logit. The old fixed slack 1e-4 ||h|| covered ~(K/640) * 4e-5 and so missed
+    token 0 at K = 5,376 (the screen answered 17); the derived slack grows with K. Logits ~1.0,
+    ~1.2e-5 apart (x scaled by 2^-7, which keeps every rounding)."""
+    x0 = torch.tensor(128 / 127, dtype=torch.float32)
+    x = torch.zeros(k)
+    x[0], x[1] = x0, x0 / 63  # both on the screen's 6-bit grid of the first group
+    x[32:] = 0.51 * 2.0 ** -16
+    rows = torch.zeros(32, k)
+    rows[0, 0], rows[0, 32:] = 127, 1
+    rows[17, 0], rows[17, 1] = 127, 5
+    return PackedLinear.from_weight(rows, "int8"), x[None] * 2.0 ** -7
+
+
+@pytest.mark.parametrize("k", [640, 2560, 5376])
+def test_float32_rounding_adversary(k, threads):
+    head, hidden = _rounding_adversary(k)
+    logits = head(hidden)[0]
+    if k == 5376:  # the case the old slack got wrong: token 0 wins by float32 rounding alone
+        assert int(logits.argmax()) == 0 and 0 < float(logits[0] - logits[17]) < 2e-5
+    rows = hidden.expand(3, -1).contiguous()
+    assert torch.equal(ArgmaxScreen(head)(rows), head(rows).argmax(-1))
+
+
 def test_huge_activations_take_the_full_head():
     head = _head(300, 64)
     hidden = torch.zeros(2, 64)

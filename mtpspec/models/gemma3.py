@@ -5,7 +5,10 @@ one-token decode, the k+1-token verification pass) and returns logits and the fi
 What it implements: embedding scaled by sqrt(d), RMSNorm with a ``1 + w`` scale computed in float32,
 QK-norm, rotary embeddings with separate bases for sliding-window (local) and global layers,
 grouped-query attention over the shared ``KVCache``, GeGLU MLP (tanh GELU), sandwich norms around
-both blocks, and the LM head tied to the embedding.
+both blocks, and the LM head tied to the embedding. The architecture switches of ``ModelConfig``
+(norm offset, sandwich norms, QKV bias, q/k norm, SiLU MLP, attention and final logit soft-caps,
+unscaled embeddings, an untied head) are honoured too, so that tiny configurations of the other
+families test the one fused layer body against this reference (tests/test_families.py).
 
 Weights are held as ``PackedLinear`` layers (fp32, bf16, int8 or int4 storage, float32 compute);
 q/k/v and gate/up are fused into one product each, because at M <= 9 rows every product costs a
