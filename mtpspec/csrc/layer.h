@@ -13,6 +13,7 @@
 #include <memory>
 
 #include "packed.h"
+#include "thread_pool.h"
 
 namespace mtp {
 
@@ -62,8 +63,6 @@ template <class F>
 void for_rows(int64_t n, int64_t width, int64_t threads, const F& f);
 
 }  // namespace mtp
-
-#include "thread_pool.h"
 
 template <class F>
 void mtp::for_rows(int64_t n, int64_t width, int64_t threads, const F& f) {
