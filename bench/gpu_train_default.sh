@@ -1,17 +1,40 @@
 #!/usr/bin/env bash
-# How the shipped drafter for the default model was trained, on a lent GPU (no network there).
-# The GGUF travels as its four package chunks (.devcarry0..3, one per call: a call carries at most
-# 64 MiB), with the gguf wheel and the pre-tokenized training prompts (ShareGPT first turns and
-# GSM8K train questions as "Question: ...\nAnswer:", made with mtpspec's own tokenizer).
+# Train the default drafter (the MTP head shipped for the default target) on one CUDA machine.
+#
+# Usage, from a checkout on the GPU machine (no network needed once the inputs are there):
+#   MODEL=/path/target.gguf PROMPT_IDS=/path/prompt_ids.json.gz OUT=/path/out \
+#     bash bench/gpu_train_default.sh
+# Inputs (environment):
+#   MODEL        target GGUF file or Hugging Face folder (default: the embedded default model)
+#   PROMPT_IDS   pre-tokenized training prompts, a (gzipped) JSON list of token-id lists, e.g.
+#                ShareGPT first turns and GSM8K train questions as "Question: ...\nAnswer:" made
+#                with mtpspec's own tokenizer; or set PROMPTS to JSONL prompt files (space-separated)
+#   OUT          where the drafter folder and the training log go (required)
+#   WORK_DIR     generated data and checkpoints, for resuming (default: $OUT/work)
+#   GEN_SECONDS  time cap on generating responses (default 120)
+#   TRAIN_SECONDS time cap on training (default 210)
+#   NUM_PROMPTS, GEN_BATCH, STEPS, BATCH_SIZE, SEQ_LEN: the recipe's sizes (defaults below)
+#   EXTRA_PIP    optional wheel(s) to install first without network (e.g. the gguf wheel)
+# The recipe (python -m mtpspec.drafter.recipe --help) generates the responses with the frozen
+# target, clusters the vocabulary, trains the head K steps recurrently and evaluates acceptance;
+# the result goes to $OUT/drafter (safetensors + JSON naming the target's weights hash).
 set -euo pipefail
 export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .devcarry0/gguf-*.whl
-export PYTHONPATH=/tmp/site:$PWD MTPSPEC_CACHE=/tmp/mtpcache
-cat .devcarry0/*.part00 .devcarry1/*.part01 .devcarry2/*.part02 .devcarry3/*.part03 > /tmp/model.gguf
-sha256sum /tmp/model.gguf
-nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
-python3 -m mtpspec.drafter.recipe --model /tmp/model.gguf --out "$OUT/drafter" --work-dir /tmp/work \
-  --prompt-ids .devcarry3/prompt_ids.json.gz --num-prompts 20000 --eval-prompts 48 \
-  --max-new-tokens 192 --gen-batch 512 --max-gen-seconds "${GEN_SECONDS:-120}" \
-  --steps 100000 --batch-size 32 --seq-len 352 --max-seconds "${TRAIN_SECONDS:-210}" \
-  --eval-every 250 --device cuda 2>&1 | tee "$OUT/train_log.txt"
+: "${OUT:?set OUT to the output folder}"
+cd "$(dirname "$0")/.."
+if [[ -n "${EXTRA_PIP:-}" ]]; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site ${EXTRA_PIP}
+  export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
+fi
+export PYTHONPATH="$PWD:${PYTHONPATH:-}"
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv || true
+args=(--out "$OUT/drafter" --work-dir "${WORK_DIR:-$OUT/work}" --device cuda
+      --num-prompts "${NUM_PROMPTS:-20000}" --eval-prompts 48 --max-new-tokens 192
+      --gen-batch "${GEN_BATCH:-512}" --max-gen-seconds "${GEN_SECONDS:-120}"
+      --steps "${STEPS:-100000}" --batch-size "${BATCH_SIZE:-32}" --seq-len "${SEQ_LEN:-352}"
+      --max-seconds "${TRAIN_SECONDS:-210}" --eval-every 250)
+[[ -n "${MODEL:-}" ]] && args+=(--model "$MODEL")
+[[ -n "${PROMPT_IDS:-}" ]] && args+=(--prompt-ids "$PROMPT_IDS")
+for file in ${PROMPTS:-}; do args+=(--prompts "$file"); done
+python3 -m mtpspec.drafter.recipe "${args[@]}" 2>&1 | tee "$OUT/train_log.txt"

@@ -268,6 +268,15 @@ def test_loading_onto_the_wrong_target_names_the_mismatch(tmp_path, target_confi
     assert message in str(err.value)
 
 
+def test_a_token_ordering_that_is_not_a_permutation_is_refused(tmp_path):
+    head = MTPHead(drafter_config(tiny_config()))
+    with torch.no_grad():
+        head.token_ordering[3] = head.token_ordering[4]  # a duplicated entry hides token 3
+    save_drafter(head, tmp_path)
+    with pytest.raises(DrafterMismatchError, match="not a permutation"):
+        load_drafter(tmp_path)
+
+
 def test_mismatch_reaches_the_user_as_a_spec_error(tmp_path, target):
     save_drafter(MTPHead(drafter_config(target.config, target_hash="a" * 64)), tmp_path / "d")
     other = Target(model=target, tokenizer=None, config=target.config, source=Path("tiny.gguf"),

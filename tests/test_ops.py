@@ -3,6 +3,7 @@ dequantized weight vs the original within each format's quantization error."""
 import pytest
 import torch
 
+from mtpspec import native
 from mtpspec.ops import FORMATS, PackedLinear, kernels_available, set_num_threads
 
 # max |W - dequantized(W)| relative to the largest |W| in the row (or group, for int4)
@@ -22,6 +23,8 @@ def threads(request):
 
 
 def test_kernels_build():
+    if native.portable_reason() is not None:
+        pytest.skip(f"portable path: {native.portable_reason()}")
     assert kernels_available(), "AVX2 kernels did not build; the F.linear fallback is in use"
 
 

@@ -3,10 +3,13 @@
 import pytest
 import torch
 
+from mtpspec import native
 from mtpspec.ops import PackedLinear, set_num_threads
-from mtpspec.screen import ArgmaxScreen
+from mtpspec.screen import ArgmaxScreen, check_ordering
 
-pytestmark = pytest.mark.skipif(not ArgmaxScreen.available(), reason="C++ kernels not built")
+# skipped only where the native kernels may not run; a failed build fails test_native_ops
+pytestmark = pytest.mark.skipif(native.portable_reason() is not None,
+                                reason=f"portable path: {native.portable_reason()}")
 
 
 def _head(vocab: int, k: int, seed: int = 0) -> PackedLinear:
@@ -89,3 +92,87 @@ def test_non_finite_rows_fall_back_to_the_full_product():
 def test_only_int8_heads():
     with pytest.raises(ValueError, match="int8"):
         ArgmaxScreen(PackedLinear.from_weight(torch.randn(32, 32), "bf16"))
+
+
+def _near_tie_head(k: int, vocab: int, seed: int) -> tuple[PackedLinear, torch.Tensor]:
+    """An int8 head whose rows are one positive base row with +-1 nudges, and hidden rows of many
+    small same-sign values on the screen's own 6-bit grid (no activation rounding error: only the
+    float32 rounding of both sums separates the screen's estimates from the exact logits), scaled
+    so that logits are ~1.3 and the nudged tokens lie ~5e-5 apart."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randint(40, 120, (k,), generator=g)
+    q = base.repeat(vocab, 1)  # [V, K]
+    for t in range(1, vocab):  # each token moves one unit between two inputs
+        i, j = torch.randint(0, k, (2,), generator=g)
+        q[t, i] += 1
+        q[t, j] -= 1
+    q[:, 0] = 127  # every row's max: one int8 scale for all
+    a = torch.randint(20, 64, (64, k), generator=g).float()  # [rows, K] grid values
+    a[:, ::32] = 63  # each group's max sits on the grid
+    s, sc = 1.0, 1.0
+    dot = (a[0] * base.float()).sum()
+    sc = 1.3 / float(dot)  # logits ~1.3; a unit nudge moves a logit by ~43 sc ~ 5e-5 / (K / 640)
+    head = PackedLinear.from_weight(q.float() * s, "int8")
+    return head, a * sc
+
+
+@pytest.mark.parametrize("k", [640, 2560, 5376])
+def test_adversarial_near_ties_at_every_hidden_size(k, threads):
+    head, hidden = _near_tie_head(k, vocab=96, seed=k)
+    logits = head(hidden)
+    gap = (logits.topk(2).values[:, 0] - logits.topk(2).values[:, 1])
+    assert float(logits.abs().max()) < 2.0 and float(gap.min()) < 1e-4  # real near-ties
+    screen = ArgmaxScreen(head)
+    assert torch.equal(screen(hidden), logits.argmax(-1))
+
+
+def _rounding_adversary(k: int) -> tuple[PackedLinear, torch.Tensor]:
+    """Token 0 = [127, 0, .., 0, 1, 1, ...] against x = [x0, 0, .., t, t, ...] with t just over half
+    an ulp of the running sum: every one of its K - 32 float32 additions rounds up, so its exact
+    (full-product) logit exceeds the real dot product by ~(K - 32) u |logit|, while the screen's
+    integer estimate is nearly exact. Token 17 (another panel) = [127, 5, 0, ...] sits just below
+    token 0's float32 logit. The old fixed slack 1e-4 ||h|| covered ~(K/640) * 4e-5 and so missed
+    token 0 at K = 5,376 (the screen answered 17); the derived slack grows with K. Logits ~1.0,
+    ~1.2e-5 apart (x scaled by 2^-7, which keeps every rounding)."""
+    x0 = torch.tensor(128 / 127, dtype=torch.float32)
+    x = torch.zeros(k)
+    x[0], x[1] = x0, x0 / 63  # both on the screen's 6-bit grid of the first group
+    x[32:] = 0.51 * 2.0 ** -16
+    rows = torch.zeros(32, k)
+    rows[0, 0], rows[0, 32:] = 127, 1
+    rows[17, 0], rows[17, 1] = 127, 5
+    return PackedLinear.from_weight(rows, "int8"), x[None] * 2.0 ** -7
+
+
+@pytest.mark.parametrize("k", [640, 2560, 5376])
+def test_float32_rounding_adversary(k, threads):
+    head, hidden = _rounding_adversary(k)
+    logits = head(hidden)[0]
+    if k == 5376:  # the case the old slack got wrong: token 0 wins by float32 rounding alone
+        assert int(logits.argmax()) == 0 and 0 < float(logits[0] - logits[17]) < 2e-5
+    rows = hidden.expand(3, -1).contiguous()
+    assert torch.equal(ArgmaxScreen(head)(rows), head(rows).argmax(-1))
+
+
+def test_huge_activations_take_the_full_head():
+    head = _head(300, 64)
+    hidden = torch.zeros(2, 64)
+    hidden[:, 0], hidden[:, 1] = 3e38, -3e38
+    hidden[1, 2] = 1.0
+    assert torch.equal(ArgmaxScreen(head)(hidden), head(hidden).argmax(-1))
+
+
+def test_orderings_must_be_permutations():
+    head = _head(64, 32)
+    order = torch.arange(64)
+    order[5] = 7  # 7 twice, 5 missing
+    with pytest.raises(ValueError, match="permutation"):
+        ArgmaxScreen(head, order)
+    with pytest.raises(ValueError, match="outside"):
+        check_ordering(torch.tensor([0, 1, 2, 64]), 64)
+    check_ordering(torch.cat([torch.arange(64), torch.full((16,), -1)]), 64)  # padding is fine
+
+
+def test_no_screen_under_a_final_logit_softcap():
+    with pytest.raises(ValueError, match="soft-cap"):
+        ArgmaxScreen(_head(64, 32), final_logit_softcap=30.0)

@@ -104,4 +104,17 @@ def load_drafter(folder: str | Path, target_config=None, weights_hash: str | Non
     if "frequent_tokens" in state:
         head.frequent_tokens = state["frequent_tokens"].clone()
     head.load_state_dict(state)
+    check_token_ordering(head, folder)
     return head.eval()
+
+
+def check_token_ordering(head: MTPHead, source) -> None:
+    """Refuse a head whose ``token_ordering`` is not a permutation of the vocabulary: it orders
+    the clustered head and the target's argmax screen, where a missing or repeated token would
+    hide tokens from greedy verification."""
+    from mtpspec.screen import check_ordering
+
+    try:
+        check_ordering(head.token_ordering, head.cfg.vocab_size, padded=False)
+    except ValueError as err:
+        raise DrafterMismatchError(f"{source}: {err}") from None

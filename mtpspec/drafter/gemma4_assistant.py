@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from mtpspec.drafter.checkpoint import DrafterMismatchError
+from mtpspec.drafter.checkpoint import DrafterMismatchError, check_token_ordering
 from mtpspec.drafter.head import DrafterConfig, MTPHead
 
 MODEL_TYPE = "gemma4_assistant"
@@ -270,6 +270,7 @@ def load_assistant(folder: str | Path, target, weights_hash: str = "") -> MTPHea
     for name in ("out_norm.weight", "frequent_tokens", "token_ordering", "centroids"):
         state.setdefault(name, defaults[name])
     head.load_state_dict(state)
+    check_token_ordering(head, folder)
     return head.eval()
 
 

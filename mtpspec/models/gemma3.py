@@ -5,7 +5,10 @@ one-token decode, the k+1-token verification pass) and returns logits and the fi
 What it implements: embedding scaled by sqrt(d), RMSNorm with a ``1 + w`` scale computed in float32,
 QK-norm, rotary embeddings with separate bases for sliding-window (local) and global layers,
 grouped-query attention over the shared ``KVCache``, GeGLU MLP (tanh GELU), sandwich norms around
-both blocks, and the LM head tied to the embedding.
+both blocks, and the LM head tied to the embedding. The architecture switches of ``ModelConfig``
+(norm offset, sandwich norms, QKV bias, q/k norm, SiLU MLP, attention and final logit soft-caps,
+unscaled embeddings, an untied head) are honoured too, so that tiny configurations of the other
+families test the one fused layer body against this reference (tests/test_families.py).
 
 Weights are held as ``PackedLinear`` layers (fp32, bf16, int8 or int4 storage, float32 compute);
 q/k/v and gate/up are fused into one product each, because at M <= 9 rows every product costs a
@@ -60,26 +63,44 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class Gemma3Layer(nn.Module):
-    """One decoder block: attention and MLP, each wrapped in pre- and post-norms."""
+    """One decoder block: attention and MLP, each with a pre-norm and (Gemma) a post-norm.
+
+    Holds what the fused stack reads (``mtpspec.fused``'s contract): ``qkv``, ``o_proj``,
+    ``gate_up`` (cat[gate, up]), ``down``; ``qkv_bias`` [q + 2kv] or None; norm scales with the
+    offset applied: ``attn_norm_scale``, ``mlp_norm_scale`` [d], ``post_attn_norm_scale``,
+    ``post_mlp_norm_scale`` [d] or None, ``q_norm_scale``, ``k_norm_scale`` [head_dim] or None;
+    ``is_global``. Weight names are Hugging Face's: without sandwich norms (Llama, Qwen) the
+    ``post_attention_layernorm`` is the pre-MLP norm."""
 
     def __init__(self, config: ModelConfig, index: int, weights: dict[str, torch.Tensor], fmt: str):
         super().__init__()
         prefix = f"model.layers.{index}."
         get = lambda name: weights[prefix + name]  # noqa: E731
+        scale = lambda name: config.norm_offset + get(name + ".weight").float()  # noqa: E731
         self.config = config
         self.index = index
         self.is_global = config.is_global(index)
-        qkv = torch.cat([get("self_attn.q_proj.weight"), get("self_attn.k_proj.weight"),
-                         get("self_attn.v_proj.weight")])
+        names = ("q_proj", "k_proj", "v_proj")
+        qkv = torch.cat([get(f"self_attn.{n}.weight") for n in names])
         self.qkv = make_linear(qkv, fmt)
         self.o_proj = make_linear(get("self_attn.o_proj.weight"), fmt)
         gate_up = torch.cat([get("mlp.gate_proj.weight"), get("mlp.up_proj.weight")])
         self.gate_up = make_linear(gate_up, fmt)
         self.down = make_linear(get("mlp.down_proj.weight"), fmt)
-        for name in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
-                     "post_feedforward_layernorm", "self_attn.q_norm", "self_attn.k_norm"):
-            scale = 1.0 + get(name + ".weight").float()
-            self.register_buffer(name.replace("self_attn.", "") + "_scale", scale, persistent=False)
+        bias = (torch.cat([get(f"self_attn.{n}.bias").float() for n in names])
+                if config.qkv_bias else None)  # [q + 2kv]
+        if config.sandwich_norms:
+            post_attn, mlp = scale("post_attention_layernorm"), scale("pre_feedforward_layernorm")
+            post_mlp = scale("post_feedforward_layernorm")
+        else:
+            post_attn, mlp, post_mlp = None, scale("post_attention_layernorm"), None
+        qk = (scale("self_attn.q_norm"), scale("self_attn.k_norm")) if config.qk_norm else (None, None)
+        # buffers (None where the family has no such piece), so that .to(device) moves them
+        for name, value in (("qkv_bias", bias), ("attn_norm_scale", scale("input_layernorm")),
+                            ("mlp_norm_scale", mlp), ("post_attn_norm_scale", post_attn),
+                            ("post_mlp_norm_scale", post_mlp), ("q_norm_scale", qk[0]),
+                            ("k_norm_scale", qk[1])):
+            self.register_buffer(name, value, persistent=False)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 positions: torch.Tensor, mask: torch.Tensor, key_start: int,
@@ -88,32 +109,48 @@ class Gemma3Layer(nn.Module):
         cfg = self.config
         batch, steps, _ = x.shape
         eps = cfg.rms_norm_eps
-        h = rms_norm(x, self.input_layernorm_scale, eps)
+        h = rms_norm(x, self.attn_norm_scale, eps)
         qkv = self.qkv(h)  # [B, T, q + 2kv]
+        if self.qkv_bias is not None:
+            qkv = qkv + self.qkv_bias
         q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
-        q = rms_norm(q.view(batch, steps, cfg.num_heads, cfg.head_dim), self.q_norm_scale, eps)
-        k = rms_norm(k.view(batch, steps, cfg.num_kv_heads, cfg.head_dim), self.k_norm_scale, eps)
+        q = q.reshape(batch, steps, cfg.num_heads, cfg.head_dim)
+        k = k.reshape(batch, steps, cfg.num_kv_heads, cfg.head_dim)
+        if self.q_norm_scale is not None:
+            q = rms_norm(q, self.q_norm_scale, eps)
+        if self.k_norm_scale is not None:
+            k = rms_norm(k, self.k_norm_scale, eps)
         q = apply_rotary(q, *rope)
         k = apply_rotary(k, *rope)
-        v = v.view(batch, steps, cfg.num_kv_heads, cfg.head_dim)
+        v = v.reshape(batch, steps, cfg.num_kv_heads, cfg.head_dim)
         cache.write(self.index, positions, k.transpose(1, 2), v.transpose(1, 2))
         key_end = mask.shape[-1] + key_start
         keys = cache.k[self.index, :batch, :, key_start:key_end]    # [B, kvh, S, Dh]
         values = cache.v[self.index, :batch, :, key_start:key_end]  # [B, kvh, S, Dh]
-        attn = attend(q, keys, values, mask, cfg.query_pre_attn_scalar ** -0.5)  # [B, T, H*Dh]
-        x = x + rms_norm(self.o_proj(attn), self.post_attention_layernorm_scale, eps)
-        h = rms_norm(x, self.pre_feedforward_layernorm_scale, eps)
+        attn = attend(q, keys, values, mask, cfg.query_pre_attn_scalar ** -0.5,
+                      cfg.attn_logit_softcap)  # [B, T, H*Dh]
+        x = x + _post_norm(self.o_proj(attn), self.post_attn_norm_scale, eps)
+        h = rms_norm(x, self.mlp_norm_scale, eps)
         gate, up = self.gate_up(h).chunk(2, dim=-1)
-        h = self.down(F.gelu(gate, approximate="tanh") * up)
-        return x + rms_norm(h, self.post_feedforward_layernorm_scale, eps)
+        if cfg.mlp_activation == "silu":
+            act = F.silu(gate)
+        else:
+            act = F.gelu(gate, approximate="tanh")
+        h = self.down(act * up)
+        return x + _post_norm(h, self.post_mlp_norm_scale, eps)
+
+
+def _post_norm(h: torch.Tensor, scale: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """A sandwich norm where the family has one, else the identity."""
+    return h if scale is None else rms_norm(h, scale, eps)
 
 
 def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
-           scale: float) -> torch.Tensor:
+           scale: float, softcap: float = 0.0) -> torch.Tensor:
     """Grouped-query attention without expanding K/V.
 
-    q [B, T, H, Dh]; keys/values [B, kvh, S, Dh]; mask [B, 1, T, S] (True = visible).
-    Returns [B, T, H*Dh].
+    q [B, T, H, Dh]; keys/values [B, kvh, S, Dh]; mask [B, 1, T, S] (True = visible);
+    softcap > 0: scores -> softcap * tanh(scores / softcap) (Gemma 2). Returns [B, T, H*Dh].
     """
     batch, steps, heads, head_dim = q.shape
     kv_heads = keys.shape[1]
@@ -121,6 +158,8 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torc
     # heads h = g_kv * group + j share kv head g_kv: fold the group into the query axis
     qg = q.permute(0, 2, 1, 3).reshape(batch, kv_heads, group * steps, head_dim)
     scores = torch.matmul(qg, keys.transpose(-1, -2)) * scale  # [B, kvh, group*T, S]
+    if softcap > 0:
+        scores = softcap * torch.tanh(scores / softcap)
     scores = scores.view(batch, kv_heads, group, steps, -1)
     scores = scores.masked_fill(~mask.unsqueeze(1), float("-inf"))
     probs = torch.softmax(scores, dim=-1).view(batch, kv_heads, group * steps, -1)
@@ -139,10 +178,14 @@ class Gemma3Model(nn.Module):
         self.embed = make_linear(weights["model.embed_tokens.weight"], fmt)
         self.layers = nn.ModuleList(Gemma3Layer(config, i, weights, fmt)
                                     for i in range(config.num_layers))
-        self.register_buffer("norm_scale", 1.0 + weights["model.norm.weight"].float(),
-                             persistent=False)
+        self.register_buffer("norm_scale", config.norm_offset + weights["model.norm.weight"].float(),
+                             persistent=False)  # [d]
         # Hugging Face rounds the scale to the activation dtype; float32 here
-        self.embed_scale = float(torch.tensor(math.sqrt(config.hidden_size), dtype=torch.float32))
+        self.embed_scale = (float(torch.tensor(math.sqrt(config.hidden_size), dtype=torch.float32))
+                            if config.scale_embeddings else 1.0)
+        # the LM head when it is not the embedding (untied families)
+        self.untied_head = (None if config.tie_word_embeddings
+                            else make_linear(weights["lm_head.weight"], fmt))  # [V, d]
         self._rope_len = 0
         self._rope: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}
         self.use_fused = True  # CPU inference through mtpspec.fused when it applies
@@ -164,17 +207,23 @@ class Gemma3Model(nn.Module):
         return (rows * self.embed_scale).view(*token_ids.shape, -1)
 
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits ``[*, V]`` of final-normed hidden states ``[*, d]`` (the tied head)."""
-        return self.embed(hidden)
+        """Logits ``[*, V]`` of final-normed hidden states ``[*, d]`` (the tied head unless the
+        family unties it; soft-capped where the family caps them)."""
+        logits = (self.embed if self.untied_head is None else self.untied_head)(hidden)
+        cap = self.config.final_logit_softcap
+        return cap * torch.tanh(logits / cap) if cap > 0 else logits
 
     def enable_argmax_screen(self, ordering: torch.Tensor | None = None) -> ArgmaxScreen | None:
         """Build the argmax screen (``mtpspec.screen``: +V*d bytes) when the head is int8 on the
         CPU and the C++ kernels built; ``greedy_tokens`` then uses it. Returns it (None: off).
         ordering: its row order if it is built now (a clustered drafter's cluster order [V'],
-        -1 for padding, so that the drafter's LM head reads the same copy)."""
+        -1 for padding, so that the drafter's LM head reads the same copy). Off under a final
+        logit soft-cap (see ``mtpspec.screen``)."""
+        head = self.embed if self.untied_head is None else self.untied_head
         if self._screen is None and (self.weight_format == "int8" and ArgmaxScreen.available()
-                                     and self.norm_scale.device.type == "cpu"):
-            self._screen = ArgmaxScreen(self.embed, ordering)
+                                     and self.norm_scale.device.type == "cpu"
+                                     and self.config.final_logit_softcap == 0):
+            self._screen = ArgmaxScreen(head, ordering)
         return self._screen
 
     @property
@@ -273,12 +322,17 @@ class Gemma3Model(nn.Module):
 
 
 def random_weights(config: ModelConfig, seed: int = 0, scale: float = 0.5) -> dict[str, torch.Tensor]:
-    """Random weights under Hugging Face names, for tests on tiny configurations."""
+    """Random weights under Hugging Face names, for tests on tiny configurations (norm weights
+    near the identity under the config's ``norm_offset``; biases, sandwich norms, q/k norms and an
+    untied head where the config has them)."""
     gen = torch.Generator().manual_seed(seed)
     rand = lambda *shape: torch.randn(*shape, generator=gen) * scale  # noqa: E731
+    norm = lambda n: (1.0 - config.norm_offset) + rand(n) * 0.1  # noqa: E731
     d, q, kv, inter = config.hidden_size, config.q_size, config.kv_size, config.intermediate_size
     weights = {"model.embed_tokens.weight": rand(config.vocab_size, d) / math.sqrt(d),
-               "model.norm.weight": rand(d) * 0.1}
+               "model.norm.weight": norm(d)}
+    if not config.tie_word_embeddings:
+        weights["lm_head.weight"] = rand(config.vocab_size, d) / math.sqrt(d)
     for i in range(config.num_layers):
         p = f"model.layers.{i}."
         shapes = {
@@ -289,9 +343,15 @@ def random_weights(config: ModelConfig, seed: int = 0, scale: float = 0.5) -> di
         }
         for name, shape in shapes.items():
             weights[p + name] = rand(*shape) / math.sqrt(shape[1])
-        for name in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
-                     "post_feedforward_layernorm"):
-            weights[p + name + ".weight"] = rand(d) * 0.1
-        weights[p + "self_attn.q_norm.weight"] = rand(config.head_dim) * 0.1
-        weights[p + "self_attn.k_norm.weight"] = rand(config.head_dim) * 0.1
+        if config.qkv_bias:
+            for name, size in (("q_proj", q), ("k_proj", kv), ("v_proj", kv)):
+                weights[p + f"self_attn.{name}.bias"] = rand(size)
+        norms = ["input_layernorm", "post_attention_layernorm"]
+        if config.sandwich_norms:
+            norms += ["pre_feedforward_layernorm", "post_feedforward_layernorm"]
+        for name in norms:
+            weights[p + name + ".weight"] = norm(d)
+        if config.qk_norm:
+            weights[p + "self_attn.q_norm.weight"] = norm(config.head_dim)
+            weights[p + "self_attn.k_norm.weight"] = norm(config.head_dim)
     return weights
