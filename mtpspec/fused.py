@@ -1,6 +1,6 @@
 """Fused CPU inference: a whole decoder stack, and a whole MTP draft step, in one C++ call.
 
-What: ``FusedGemma3`` runs embedding -> every decoder layer -> final norm for rows ``[B, T]`` with
+What: ``FusedStack`` runs embedding -> every decoder layer -> final norm for rows ``[B, T]`` with
 per-row positions (ragged, right-padded batches welcome), writing K/V into the ``KVCache`` at each
 row's position, in one call into C++ that loops over the layers. ``FusedDrafter`` does one step of
 the MTP head (``drafter.head.MTPHead``: query-only attention over target layers' caches, no cache
@@ -13,8 +13,8 @@ slots (causal, and the sliding window on local layers; GQA; optional logit soft-
 gelu_tanh(gate) * up or silu(gate) * up -> packed down -> (post-MLP norm) + residual
 (-> * the layer's output scalar: drafters).
 
-The contract a target model satisfies (``models.gemma3.Gemma3Model`` here, and the generic
-decoder of every family), read once when the stack is built:
+The contract a target model satisfies (``models.decoder.DecoderModel``, the one native decoder
+of every family), read once when the stack is built:
 - ``model.config``: a ``config.ModelConfig`` (hidden_size, num_heads, num_kv_heads, head_dim,
   intermediate_size, rms_norm_eps, query_pre_attn_scalar (query scale = its ** -0.5),
   sliding_window, mlp_activation ("gelu_tanh" | "silu"), attn_logit_softcap (0: none));
@@ -52,7 +52,7 @@ weights). The body is now at its weight-read floor (100 MB int8 at ~19 GB/s); M 
 compute-bound in the packed kernels (~90 GFLOP/s per core).
 
 Must not: be used for training or the ``dense`` format (no autograd; CPU and float32 caches only;
-``models.gemma3`` and ``drafter.head`` keep the Python reference path, and use it whenever this
+``models.decoder`` and ``drafter.head`` keep the Python reference path, and use it whenever this
 one does not apply or the extension did not build). The C++ objects hold references to the
 packed weights of the model they were built from: rebuild them if those weights are replaced.
 """
@@ -96,7 +96,7 @@ def rope_tables(ext, rope: dict):
                           cos_local=rope[False][0], sin_local=rope[False][1])
 
 
-class FusedGemma3:
+class FusedStack:
     """The decoder stack of a packed target model (the contract in the module docstring; any of
     ``ops.FORMATS``) as one C++ object."""
 

@@ -5,8 +5,6 @@ tokenizer and chat template always come from the same source as the weights.
 """
 from __future__ import annotations
 
-import hashlib
-import pickle
 import time
 import warnings
 from dataclasses import dataclass
@@ -17,7 +15,6 @@ import torch
 from mtpspec.config import ModelConfig
 from mtpspec.loading import LoadedWeights, ModelLoadError, cache_root, load_weights, resolve_model_path
 from mtpspec.models.decoder import DecoderModel
-from mtpspec.models.gemma3 import Gemma3Model
 from mtpspec.models.hf import HFModel, is_native, load_hf_model
 from mtpspec.models.store import StoreMismatch, load_packed, save_packed
 from mtpspec.ops import FORMATS
@@ -36,7 +33,7 @@ BACKENDS = ("native", "hf")
 
 @dataclass
 class Target:
-    model: Gemma3Model | DecoderModel | HFModel
+    model: DecoderModel | HFModel
     tokenizer: Tokenizer | None
     config: ModelConfig
     source: Path
@@ -56,27 +53,9 @@ def configure_threads() -> None:
     torch.set_num_threads(1)
 
 
-def runs_on_gemma3_model(config: ModelConfig) -> bool:
-    """Whether ``config`` takes the fused Gemma 3 path (``Gemma3Model``), which has a tied head
-    and no final soft-cap; a Gemma 3 with either runs on the generic ``DecoderModel``."""
-    return (config.family == "gemma3" and config.tie_word_embeddings
-            and not config.final_logit_softcap)
-
-
-def native_model(config: ModelConfig, tensors: dict[str, torch.Tensor], fmt: str):
+def native_model(config: ModelConfig, tensors: dict[str, torch.Tensor], fmt: str) -> DecoderModel:
     """The native model of ``config``'s family in format ``fmt`` (``dense`` for training)."""
-    model_cls = Gemma3Model if runs_on_gemma3_model(config) else DecoderModel
-    return model_cls(config, tensors, fmt)
-
-
-def _code_version() -> str:
-    """A hash of the modules whose classes a cached model pickles, so code changes rebuild it."""
-    digest = hashlib.sha256()
-    package = Path(__file__).parent
-    for file in sorted([*package.glob("models/*.py"), package / "ops.py", package / "kv_cache.py",
-                        *package.glob("fused*.py")]):
-        digest.update(file.read_bytes())
-    return digest.hexdigest()[:16]
+    return DecoderModel(config, tensors, fmt)
 
 
 def _source_config(loaded: LoadedWeights) -> ModelConfig | None:
@@ -84,33 +63,6 @@ def _source_config(loaded: LoadedWeights) -> ModelConfig | None:
     is not covered by its weights hash (a GGUF's metadata is, and its config read without tensors
     lacks the rope table, so None: no check)."""
     return loaded.config if loaded.source.is_dir() else None
-
-
-def _cached_model(path, loaded, weights: str) -> Gemma3Model:
-    """Build the model in ``weights`` format once, then memory-map the packed result."""
-    cached = cache_root() / loaded.weights_hash[:24] / f"model-{weights}-{_code_version()}.pt"
-    if cached.exists():
-        try:
-            model = torch.load(cached, mmap=True, weights_only=False)
-            expected = _source_config(loaded)
-            if expected is None or model.config == expected:
-                return model
-            warnings.warn(f"rebuilding cached model {cached.name}: built under another configuration")
-        except (OSError, RuntimeError, AttributeError, EOFError) as err:
-            warnings.warn(f"rebuilding cached model {cached.name}: {err}")
-    full = load_weights(path)
-    model = Gemma3Model(full.config, full.tensors, weights)
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    for stale in cached.parent.glob(f"model-{weights}-*.pt"):
-        stale.unlink()
-    tmp = cached.with_suffix(".tmp")
-    try:
-        torch.save(model, tmp)
-        tmp.replace(cached)
-    except (OSError, TypeError, AttributeError, pickle.PicklingError) as err:
-        warnings.warn(f"could not cache the built model ({err}); the next start rebuilds it")
-        tmp.unlink(missing_ok=True)
-    return model
 
 
 def _stored_model(loaded: LoadedWeights, weights: str) -> DecoderModel:
@@ -172,10 +124,7 @@ def load_target(path: str | Path | None = None, weights: str = DEFAULT_WEIGHTS,
         raise ModelLoadError("--backend hf needs a Hugging Face model folder (transformers' GGUF "
                              "loading dequantizes to float and is not supported here)")
     loaded = load_weights(resolved, with_tensors=False)
-    if runs_on_gemma3_model(loaded.config):
-        model = _cached_model(resolved, loaded, weights)
-    else:
-        model = _stored_model(loaded, weights)
+    model = _stored_model(loaded, weights)
     tokenizer = load_tokenizer_for(loaded) if with_tokenizer else None
     return Target(model=model, tokenizer=tokenizer, config=model.config, source=loaded.source,
                   weights_hash=loaded.weights_hash, weight_format=weights,

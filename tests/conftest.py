@@ -5,16 +5,16 @@ import pytest
 import torch
 
 from mtpspec.config import tiny_config
-from mtpspec.models.gemma3 import Gemma3Model, random_weights
+from mtpspec.models.decoder import DecoderModel, random_weights
 
 # tiny models run ~20x faster on one thread when another process shares the two cores;
 # real-model tests that time nothing are fine with it too (the parity test sets its own)
 torch.set_num_threads(1)
 
 
-def tiny_model(seed: int = 0, fmt: str = "fp32", **overrides) -> Gemma3Model:
+def tiny_model(seed: int = 0, fmt: str = "fp32", **overrides) -> DecoderModel:
     config = tiny_config(**overrides)
-    return Gemma3Model(config, random_weights(config, seed=seed), fmt)
+    return DecoderModel(config, random_weights(config, seed=seed), fmt)
 
 
 @pytest.fixture(scope="session")

@@ -29,7 +29,7 @@ from mtpspec.bench.prompts import (
 )
 from mtpspec.bench.runner import BenchConfig, run_bench
 from mtpspec.engine import Engine
-from mtpspec.models.gemma3 import random_weights
+from mtpspec.models.decoder import random_weights
 from mtpspec.proposers.draft_model import DraftModelProposer
 from mtpspec.proposers.factory import ProposerRequest
 from mtpspec.proposers.ngram import NgramProposer

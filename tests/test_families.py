@@ -13,8 +13,7 @@ logits, loaded natively:
 - an edited ``config.json`` beside the same weights is not served the model packed under the old
   one; Qwen2/3 sliding layers named by ``layer_types`` match, and options the native model lacks
   (Qwen sliding windows without ``layer_types``, yarn, per-layer kv heads) point to
-  ``--backend hf``; Gemma 3 with a final soft-cap or an untied head (not in the fused
-  ``Gemma3Model``) still matches; transformers 4.x config layouts read the same;
+  ``--backend hf``; Gemma 3 with a final soft-cap or an untied head still matches; transformers 4.x config layouts read the same;
 - the same weights written as a GGUF (llama.cpp's conventions: Gemma norms as ``1 + w``, Llama
   q/k rows interleaved, Llama 3.1 rope scaling as a divisor table, Gemma 2 27B's query scale)
   load natively with the folder's config and float32 tensors, the same logits and greedy tokens,
@@ -49,7 +48,6 @@ from mtpspec.families import config_from_hf  # noqa: E402
 from mtpspec.gguf_file import SUPPORTED_TENSOR_TYPES, GGUFError, read_gguf_tensors  # noqa: E402
 from mtpspec.loading import ModelLoadError, load_weights  # noqa: E402
 from mtpspec.models.decoder import DecoderModel  # noqa: E402
-from mtpspec.models.gemma3 import Gemma3Model  # noqa: E402
 from mtpspec.proposers.ngram import NgramProposer  # noqa: E402
 from mtpspec.runtime import load_target  # noqa: E402
 
@@ -133,7 +131,7 @@ EXPECTED = {  # what each case must read as: the feature the case exists to test
 
 def test_each_family_loads_natively_with_its_architecture(case):
     target = case.target
-    assert isinstance(target.model, Gemma3Model if case.name == "gemma3" else DecoderModel)
+    assert isinstance(target.model, DecoderModel)
     for field, value in EXPECTED[case.name].items():
         assert getattr(target.config, field) == value, field
     if case.name == "llama3-rope":
@@ -183,16 +181,15 @@ def test_qwen_sliding_layers_named_by_layer_types_match_transformers(tmp_path, c
     {"final_logit_softcapping": 5.0}, {"tie_word_embeddings": False},
     {"attn_logit_softcapping": 3.0}, {"attn_logit_softcapping": 3.0, "tie_word_embeddings": False}])
 def test_gemma3_variants_the_fused_model_lacks_still_match_transformers(tmp_path, change):
-    """A Gemma 3 with a final soft-cap or its own LM head (which ``Gemma3Model`` lacks) runs on
-    the generic decoder; an attention soft-cap, which transformers' Gemma 3 ignores, is ignored."""
+    """A Gemma 3 with a final soft-cap or its own LM head matches too; an attention soft-cap,
+    which transformers' Gemma 3 ignores, is ignored."""
     cfg = family_config("gemma3")
     model = build(cfg.__class__(**{**cfg.to_dict(), **change}), seed=13)
     target = load_target(save_with_tokenizer(model, tmp_path / "g3"), "fp32", with_tokenizer=False)
     tokens = random_tokens(40, 14)
     assert_close(run(target.model, target.model.new_cache(1, 64), [tokens], [list(range(40))])[0],
                  hf_logits(model, tokens), f"gemma3 with {change}")
-    fused = change.keys() == {"attn_logit_softcapping"}
-    assert isinstance(target.model, Gemma3Model if fused else DecoderModel)
+    assert isinstance(target.model, DecoderModel)
     out = Engine(target.model, proposer=NgramProposer()).generate([REPEATS], options())[0]
     assert out.token_ids == hf_greedy(model, REPEATS, NEW)
 
@@ -370,7 +367,7 @@ def test_gguf_of_each_family_matches_transformers(case):
     tokenizer = "gpt2" if case.name.startswith("qwen") else "llama"
     path = write_gguf(case.tmp / f"{case.name}.gguf", case.model, tokenizer=tokenizer)
     target = load_target(path, "fp32")
-    assert isinstance(target.model, Gemma3Model if case.name == "gemma3" else DecoderModel)
+    assert isinstance(target.model, DecoderModel)
     assert target.config.family == GGUF_ARCH[case.model.config.model_type]
     if case.name == "llama3-rope":
         assert target.config.rope_scaling.kind == "table"

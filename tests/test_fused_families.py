@@ -72,7 +72,7 @@ def test_the_stack_names_a_wrong_field():
     model = tiny_model(seed=23)
     model.layers[1].mlp_norm_scale = torch.ones(3)
     with pytest.raises(RuntimeError, match="layer 1 mlp_norm_scale"):
-        fused.FusedGemma3(model)
+        fused.FusedStack(model)
 
 
 def _head_with(target, **settings):

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from mtpspec import native, ops
-from mtpspec.models.gemma3 import attend, rms_norm
+from mtpspec.models.attention import attend, rms_norm
 from mtpspec.ops import FORMATS, PackedLinear
 
 needs_native = pytest.mark.skipif(native.portable_reason() is not None,
@@ -126,10 +126,10 @@ import json, torch
 from mtpspec import native
 from mtpspec.config import tiny_config
 from mtpspec.engine import Engine, GenerateOptions
-from mtpspec.models.gemma3 import Gemma3Model, random_weights
+from mtpspec.models.decoder import DecoderModel, random_weights
 torch.set_num_threads(1)
 config = tiny_config()
-model = Gemma3Model(config, random_weights(config, seed=3), "int8")
+model = DecoderModel(config, random_weights(config, seed=3), "int8")
 out = Engine(model).generate([[2, 17, 99, 5], [2, 8]], GenerateOptions(max_new_tokens=12,
                              ignore_eos=True))
 print(json.dumps({"native": native.extension() is not None,

@@ -28,10 +28,10 @@ def models(real_target):
     hf = transformers.AutoModelForCausalLM.from_pretrained(
         str(path.parent), gguf_file=path.name, torch_dtype=torch.float32).eval()
     from mtpspec.loading import load_weights
-    from mtpspec.models.gemma3 import Gemma3Model
+    from mtpspec.models.decoder import DecoderModel
 
     loaded = load_weights(path)
-    ours = Gemma3Model(loaded.config, loaded.tensors, "fp32")
+    ours = DecoderModel(loaded.config, loaded.tensors, "fp32")
     return ours, hf, real_target.tokenizer
 
 

@@ -13,7 +13,7 @@ from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import decoders, models
 
 from mtpspec.config import tiny_config
-from mtpspec.models.gemma3 import random_weights
+from mtpspec.models.decoder import random_weights
 
 SPECIAL = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
 TEMPLATE = (

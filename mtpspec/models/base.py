@@ -1,8 +1,8 @@
 """The one interface every target model implements, and the only one the rest of the code uses.
 
 The engine, the batch session, the proposers, drafter training and the benchmark talk to a
-``TargetModel``: the native ``DecoderModel`` (every family of ``families``, packed CPU kernels),
-the older native ``Gemma3Model`` while it lasts, and ``HFModel`` (any transformers causal LM).
+``TargetModel``: the native ``DecoderModel`` (every family of ``families``, packed CPU kernels,
+the fused C++ stack) and ``HFModel`` (any transformers causal LM).
 Nothing outside ``models/`` names a model class. A new architecture is a row in ``families`` plus
 a parity test, never a new path through the engine.
 

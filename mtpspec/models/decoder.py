@@ -32,16 +32,19 @@ positions it is given; the engine owns lengths).
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mtpspec import fused
 from mtpspec.config import ModelConfig
 from mtpspec.kv_cache import CacheFullError, KVCache
 from mtpspec.models.attention import apply_rotary, attend, rms_norm, rotary_tables, softcap
 from mtpspec.models.dense import DenseLinear
-from mtpspec.ops import PackedLinear
+from mtpspec.ops import FORMATS, PackedLinear
+from mtpspec.screen import ArgmaxScreen
 
 
 def make_linear(weight: torch.Tensor, fmt: str):
@@ -219,6 +222,14 @@ class DecoderModel(nn.Module):
                             if config.scale_embeddings else 1.0)
         self._rope_len = 0
         self._rope: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.use_fused = True  # CPU inference through mtpspec.fused when it applies
+        self._fused: fused.FusedStack | None | bool = None  # built on first use; False: failed
+        self._screen: ArgmaxScreen | None = None  # exact argmax without every logit (int8 head)
+
+    def __getstate__(self):
+        state = super().__getstate__().copy()
+        state["_fused"] = None  # a C++ object: rebuilt after loading
+        return state
 
     @property
     def tied(self) -> bool:
@@ -254,17 +265,30 @@ class DecoderModel(nn.Module):
         """Logits ``[*, V]`` of final-normed hidden states ``[*, d]``."""
         return softcap(self.output(hidden), self.config.final_logit_softcap)
 
-    def greedy_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``lm_head(hidden).argmax(-1)`` ``[*]`` for hidden ``[*, d]``."""
-        return self.lm_head(hidden).argmax(dim=-1)
-
-    def enable_argmax_screen(self, ordering: torch.Tensor | None = None) -> None:
-        """No argmax screen on this path yet: greedy tokens come from the full head."""
-        return None
+    def enable_argmax_screen(self, ordering: torch.Tensor | None = None) -> ArgmaxScreen | None:
+        """Build the argmax screen (``mtpspec.screen``: +V*d bytes) when the LM head is int8 on the
+        CPU and the C++ kernels built; ``greedy_tokens`` then uses it. Returns it (None: off).
+        ordering: its row order if it is built now (a clustered drafter's cluster order [V'],
+        -1 for padding, so that the drafter's LM head reads the same copy). Off under a final
+        logit soft-cap (see ``mtpspec.screen``)."""
+        if self._screen is None and (self.weight_format == "int8" and ArgmaxScreen.available()
+                                     and self.norm_scale.device.type == "cpu"
+                                     and self.config.final_logit_softcap == 0):
+            self._screen = ArgmaxScreen(self.output, ordering)
+        return self._screen
 
     @property
     def screen_nbytes(self) -> int:
-        return 0
+        return self._screen.nbytes if self._screen is not None else 0
+
+    @torch.inference_mode()
+    def greedy_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``lm_head(hidden).argmax(-1)`` ``[*]`` for hidden ``[*, d]``, bit for bit; through the
+        argmax screen when it is on and there are several rows (one row reads the same bytes
+        either way, and the full head is then a little faster)."""
+        if self._screen is not None and hidden.numel() > hidden.shape[-1]:
+            return self._screen(hidden)
+        return self.lm_head(hidden).argmax(dim=-1)
 
     def rope_tables(self, needed: int, device: torch.device):
         """{is_global: (cos, sin) [len, Dh]} covering positions < ``needed``."""
@@ -295,7 +319,12 @@ class DecoderModel(nn.Module):
             cache.check_room(last)
         if int(positions.min()) < 0:
             raise CacheFullError("positions must be non-negative")
-        hidden = self.hidden_states(token_ids, positions, cache, self.rope_tables(last, positions.device))
+        tables = self.rope_tables(last, positions.device)
+        stack = self._fused_stack(token_ids, cache)
+        if stack is not None:
+            hidden = stack.forward(token_ids, positions, cache, tables)  # [B, T, d]
+        else:
+            hidden = self.hidden_states(token_ids, positions, cache, tables)
         if num_logits == 0:
             return None, hidden
         tail = hidden if num_logits is None else hidden[:, -num_logits:]
@@ -315,6 +344,23 @@ class DecoderModel(nn.Module):
             x = layer(x, rope[layer.is_global], positions, mask, start, cache,
                       None if per_layer is None else per_layer[:, :, i])
         return rms_norm(x, self.norm_scale, self.config.rms_norm_eps)  # [B, T, d]
+
+    def _fused_stack(self, token_ids: torch.Tensor, cache: KVCache) -> fused.FusedStack | None:
+        """The C++ stack if this call can use it: packed weights, uniform layers (no Gemma 4
+        extras), CPU, one stacked float32 cache, no autograd."""
+        if not (self.use_fused and self.weight_format in FORMATS and not torch.is_grad_enabled()
+                and self.config.uniform_layers and cache.stacked and token_ids.device.type == "cpu"
+                and cache.k.device.type == "cpu" and cache.k.dtype == torch.float32
+                and cache.k.is_contiguous()):
+            return None
+        if self._fused is None:
+            self._fused = False
+            if fused.available():
+                try:
+                    self._fused = fused.FusedStack(self)
+                except RuntimeError as err:  # a layout the C++ layers do not take
+                    warnings.warn(f"fused layers unavailable for this model ({err}); using Python")
+        return self._fused or None
 
     def _mask(self, positions: torch.Tensor, end: int, is_global: bool):
         """Visible key slots for each query: causal, and within the window on sliding layers."""

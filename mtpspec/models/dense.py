@@ -2,7 +2,7 @@
 
 The packed CPU kernels in ``ops`` are for fast inference on this CPU; training a drafter (which
 backpropagates through nothing of the target but runs it on whatever device is at hand, a GPU
-included) uses this float layer instead: ``Gemma3Model(config, weights, fmt="dense")``.
+included) uses this float layer instead: ``DecoderModel(config, weights, fmt="dense")``.
 """
 from __future__ import annotations
 

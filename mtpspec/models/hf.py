@@ -1,6 +1,6 @@
 """Any Hugging Face causal LM as a target: a thin adapter around a transformers model.
 
-The native models (``models/decoder.py``, ``models/gemma3.py``) are the fast path for the families
+The native model (``models/decoder.py``) is the fast path for the families
 of ``families``; every other architecture transformers knows, and any folder with ``--backend hf``
 (Gemma 4 text included), runs through this adapter, with the same interface the engine, the
 proposers and the trainer use:
