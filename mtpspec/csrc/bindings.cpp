@@ -2,7 +2,8 @@
 // Every long call runs without the GIL: the stacks release it after checking their inputs, the
 // plain ops below take pybind11's call guard (they touch no Python object).
 #include <pybind11/stl.h>
-#include <torch/extension.h>
+#include <torch/csrc/utils/pybind.h>
+#include <torch/types.h>
 
 #include <vector>
 

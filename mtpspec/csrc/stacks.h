@@ -7,7 +7,8 @@
 // (mtpspec/fused.py); the constructors check every shape and say which field is wrong.
 #pragma once
 
-#include <torch/extension.h>
+#include <pybind11/pybind11.h>
+#include <torch/types.h>
 
 #include <optional>
 #include <string>
