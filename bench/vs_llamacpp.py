@@ -121,10 +121,10 @@ def build_methods(args) -> tuple[list, dict[str, int], object]:
         methods.append(EngineMethod(f"plain-{fmt}", "plain", engine, None))
         floor_bytes[f"plain-{fmt}"] = weight_bytes_per_token(target.model)
     target = targets[args.spec_weights]
-    built = make_proposer("mtp", target, ProposerRequest(max_len=MAX_LEN))
+    built = make_proposer(args.spec, target, ProposerRequest(max_len=MAX_LEN))
     engine = Engine(target.model, target.tokenizer, built.proposer, max_len=MAX_LEN)
-    methods.append(EngineMethod(f"mtp-{args.spec_weights}", "mtp", engine, args.draft_k))
-    floor_bytes[f"mtp-{args.spec_weights}"] = weight_bytes_per_token(target.model)
+    methods.append(EngineMethod(f"{args.spec}-{args.spec_weights}", args.spec, engine, args.draft_k))
+    floor_bytes[f"{args.spec}-{args.spec_weights}"] = weight_bytes_per_token(target.model)
     return methods, floor_bytes, first
 
 
@@ -137,7 +137,8 @@ def summarize(timings: dict[str, Timing], floor_bytes: dict[str, int], args) -> 
     for name, timing in timings.items():
         floor_ms = floor_bytes[name] / (args.bandwidth * 1e9) * 1e3
         ms = 1e3 / timing.tokens_per_s
-        plain = timings.get(f"plain-{name.split('-', 1)[1]}") if name.startswith("mtp-") else None
+        spec_of = name.startswith(f"{args.spec}-")
+        plain = timings.get(f"plain-{name[len(args.spec) + 1:]}") if spec_of else None
         results[name] = {
             "tokens_per_s": timing.tokens_per_s,
             "median_tokens_per_s": timing.median_tokens_per_s,
@@ -162,7 +163,7 @@ def summarize(timings: dict[str, Timing], floor_bytes: dict[str, int], args) -> 
     plain_compact = {n: r for n, r in results.items()
                      if n.startswith("plain-") and n != "plain-fp32"}
     best_plain = max(plain_compact, key=lambda n: results[n]["tokens_per_s"], default=None)
-    spec = f"mtp-{args.spec_weights}"
+    spec = f"{args.spec}-{args.spec_weights}"
     return {
         "benchmark": "mtpspec-vs-llamacpp", "prompts": str(args.prompts),
         "prompt_count": len(next(iter(timings.values())).tokens),
@@ -226,6 +227,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--spec-weights", default=DEFAULT_WEIGHTS, choices=FORMATS,
                         help="weight format of our speculative run (default %(default)s)")
     parser.add_argument("--draft-k", type=int, default=DEFAULT_DRAFT_K)
+    parser.add_argument("--spec", default="mtp", choices=("mtp", "mtp-only", "ngram"),
+                        help="the speculative method (mtp needs a drafter for the model; a model "
+                             "without one: ngram)")
     parser.add_argument("--repeats", type=int, default=1,
                         help="runs per prompt and method, interleaved; the fastest counts")
     parser.add_argument("--llama-threads", default="2",

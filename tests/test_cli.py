@@ -82,11 +82,12 @@ def test_generate_streams_text_and_stats(models, capsys):
         assert part in stats, stats
 
 
-def test_generate_default_spec_falls_back_to_ngram(models, capsys):
+def test_generate_default_spec_falls_back_to_plain(models, capsys):
     status, _, err = run_cli(["generate", "--model", str(models["base"]), "--max-new-tokens", "4",
                               "hi"], capsys)
     assert status == 0
-    assert "mtpspec: note:" in err and "ngram" in err
+    assert "mtpspec: note:" in err and "decoding plainly" in err and "--spec ngram" in err
+    assert "[plain]" in err
 
 
 def test_generate_matches_across_specs(models, capsys):
