@@ -37,3 +37,14 @@ def real_target():
         return load_target(None, "fp32")
     except Exception as err:  # noqa: BLE001 - any failure to load means: skip the real-model tests
         pytest.skip(f"default model unavailable: {err}")
+
+
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def threads(request):
+    """Run a test with the native kernels on 1, then 2 threads (restored afterwards)."""
+    from mtpspec import ops
+
+    before = ops.get_num_threads()
+    ops.set_num_threads(request.param)
+    yield request.param
+    ops.set_num_threads(before)

@@ -290,6 +290,25 @@ def _expected_joint(target, prompt, params, vocab):
     return expected
 
 
+def _assert_sampled_rows_follow_the_target(session, target, prompt, params, vocab, trials):
+    """Run ``session`` (a greedy row 0, then ``trials`` sampled rows of ``prompt``) to the end;
+    the sampled rows' first two tokens pass a chi-square test against the target's joint."""
+    results = {}
+    while not session.idle:
+        results.update((e.row, e.result) for e in session.step() if isinstance(e, FinishEvent))
+    sampled = [results[seq] for seq in range(1, trials + 1)]
+    assert sum(r.stats.draft_proposed for r in sampled) >= trials  # speculation really ran
+    counts = torch.zeros(vocab * vocab)
+    for r in sampled:
+        counts[r.token_ids[0] * vocab + r.token_ids[1]] += 1
+    expected = _expected_joint(target, prompt, params, vocab)
+    keep = expected * trials >= 5
+    chi2 = (((counts - expected * trials) ** 2) / (expected * trials).clamp(min=1e-9))[keep].sum()
+    dof = int(keep.sum()) - 1
+    assert chi2 < dof + 5 * (2 * dof) ** 0.5, (float(chi2), dof)
+    return results
+
+
 def test_point_mass_drafts_beside_greedy_rows_keep_the_distribution():
     """With a greedy row in the batch the proposer drafts greedily for everyone and sampled rows
     verify those drafts as point masses: still exactly the target's distribution."""
@@ -305,19 +324,7 @@ def test_point_mass_drafts_beside_greedy_rows_keep_the_distribution():
     options = GenerateOptions(max_new_tokens=4, ignore_eos=True, draft_k=2, sampling=params)
     for _ in range(trials):
         session.add(prompt, options, shared)
-    results = {}
-    while not session.idle:
-        results.update((e.row, e.result) for e in session.step() if isinstance(e, FinishEvent))
-    sampled = [results[seq] for seq in range(1, trials + 1)]
-    assert sum(r.stats.draft_proposed for r in sampled) >= trials  # speculation really ran
-    counts = torch.zeros(vocab * vocab)
-    for r in sampled:
-        counts[r.token_ids[0] * vocab + r.token_ids[1]] += 1
-    expected = _expected_joint(target, prompt, params, vocab)
-    keep = expected * trials >= 5
-    chi2 = (((counts - expected * trials) ** 2) / (expected * trials).clamp(min=1e-9))[keep].sum()
-    dof = int(keep.sum()) - 1
-    assert chi2 < dof + 5 * (2 * dof) ** 0.5, (float(chi2), dof)
+    _assert_sampled_rows_follow_the_target(session, target, prompt, params, vocab, trials)
 
 
 def test_session_refuses_what_does_not_fit(tiny):
@@ -371,19 +378,7 @@ def test_per_request_seeds_keep_the_distribution_and_ignore_the_batch():
     for seed in range(trials):
         session.add(prompt, GenerateOptions(max_new_tokens=4, ignore_eos=True, draft_k=2,
                                             sampling=SamplingParams(temperature=0.8, seed=seed)))
-    results = {}
-    while not session.idle:
-        results.update((e.row, e.result) for e in session.step() if isinstance(e, FinishEvent))
-    sampled = [results[seq] for seq in range(1, trials + 1)]
-    assert sum(r.stats.draft_proposed for r in sampled) >= trials  # speculation really ran
-    counts = torch.zeros(vocab * vocab)
-    for r in sampled:
-        counts[r.token_ids[0] * vocab + r.token_ids[1]] += 1
-    expected = _expected_joint(target, prompt, params, vocab)
-    keep = expected * trials >= 5
-    chi2 = (((counts - expected * trials) ** 2) / (expected * trials).clamp(min=1e-9))[keep].sum()
-    dof = int(keep.sum()) - 1
-    assert chi2 < dof + 5 * (2 * dof) ** 0.5, (float(chi2), dof)
+    results = _assert_sampled_rows_follow_the_target(session, target, prompt, params, vocab, trials)
 
     for seed in (3, 77):  # alone, plain and with drafts of 1 or 2 tokens: the same tokens
         options = lambda k: GenerateOptions(  # noqa: E731

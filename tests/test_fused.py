@@ -24,14 +24,6 @@ pytestmark = pytest.mark.skipif(native.portable_reason() is not None,
 REL_TOL = 2e-5  # max |fused - reference| / max |reference|: summation order only
 
 
-@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
-def threads(request):
-    before = ops.get_num_threads()
-    ops.set_num_threads(request.param)
-    yield request.param
-    ops.set_num_threads(before)
-
-
 def run(model, calls, batch, use_fused, max_len=160):
     """Apply ``calls`` [(ids [B, T], positions [B, T], num_logits)] on a fresh cache; return the
     logits of each call and the cache."""

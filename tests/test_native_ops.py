@@ -22,14 +22,6 @@ needs_native = pytest.mark.skipif(native.portable_reason() is not None,
                                   reason=f"portable path: {native.portable_reason()}")
 
 
-@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
-def threads(request):
-    before = ops.get_num_threads()
-    ops.set_num_threads(request.param)
-    yield request.param
-    ops.set_num_threads(before)
-
-
 @needs_native
 def test_the_native_build_succeeds():
     ext = native.require()  # raises the compiler's error when the build failed

@@ -20,21 +20,17 @@ import pytest
 from mtpspec.engine import Engine, GenerateOptions
 from mtpspec.openai_api import APIError, ServedModel, parse_request
 from mtpspec.proposers.ngram import NgramProposer
-from mtpspec.runtime import load_target
 from mtpspec.server import ServeConfig, start
 from mtpspec.tokenizer import load_tokenizer_hf
 
-from tiny_hf import write_tiny_hf_model
+from tiny_hf import tiny_chat_target, write_tiny_hf_model
 
 MAX_LEN = 256
 
 
 @pytest.fixture(scope="module")
 def target(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MTPSPEC_CACHE", str(root / "cache"))
-        return load_target(write_tiny_hf_model(root / "chat", chat_template=True), "fp32")
+    return tiny_chat_target(tmp_path_factory.mktemp("serve"))
 
 
 @pytest.fixture(scope="module")

@@ -61,6 +61,17 @@ def write_tiny_hf_model(folder: Path, seed: int = 0, chat_template: bool = False
     return folder
 
 
+def tiny_chat_target(root: Path):
+    """``load_target`` of a tiny chat model (template included) in fp32, cached under ``root``."""
+    import pytest
+
+    from mtpspec.runtime import load_target
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MTPSPEC_CACHE", str(root / "cache"))
+        return load_target(write_tiny_hf_model(root / "chat", chat_template=True), "fp32")
+
+
 class ByteTokenizer:
     """The smallest tokenizer the engine and the benchmark need: one id per byte (+3), bos = 2."""
 
