@@ -130,7 +130,7 @@ class DrafterConfig:
         if any(shape != (target.num_kv_heads, target.head_dim) for shape in shapes):
             overrides = {"layer_kv_heads": tuple(h for h, _ in shapes),
                          "layer_head_dims": tuple(d for _, d in shapes), **overrides}
-        return cls(
+        fields = dict(
             target_hidden=target.hidden_size, vocab_size=target.vocab_size,
             head_dim=target.head_dim, target_kv_heads=target.num_kv_heads,
             target_layers=tuple(layer for layer, _ in chosen),
@@ -138,9 +138,11 @@ class DrafterConfig:
             sliding_window=target.sliding_window, rope_theta_local=target.rope_theta_local,
             rope_theta_global=target.rope_theta_global,
             rope_scaling_factor=target.rope_scaling_factor,
-            query_scale=target.query_pre_attn_scalar ** -0.5, rms_norm_eps=target.rms_norm_eps,
-            target_name=target.name, **overrides,
-        )
+            # the draft queries rotate as the target's keys on global layers (Gemma 4: partly)
+            rope_partial_global=target.rope_partial_global,
+            query_scale=target.query_scale, rms_norm_eps=target.rms_norm_eps,
+            target_name=target.name)
+        return cls(**{**fields, **overrides})
 
 
 class RMSNorm(nn.Module):
