@@ -7,7 +7,6 @@ a CPU that can run the kernels FAILS here (no silent skip); only the portable pa
 """
 from __future__ import annotations
 
-import math
 import subprocess
 import sys
 
