@@ -149,7 +149,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from mtpspec.drafter.recipe import run
 
     for source in args.prompts:
-        if source != "sharegpt" and not Path(source).is_file():
+        if source not in ("sharegpt", "mix") and not Path(source).is_file():
             raise UsageError(f"prompt file not found: {source}")
     if args.prompt_ids is not None and not args.prompt_ids.is_file():
         raise UsageError(f"prompt-ids file not found: {args.prompt_ids}")

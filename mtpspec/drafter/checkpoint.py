@@ -92,7 +92,7 @@ def load_drafter(folder: str | Path, target_config=None, weights_hash: str | Non
     from safetensors.torch import load_file
 
     folder = Path(folder)
-    cfg, _ = read_config(folder)
+    cfg, meta = read_config(folder)
     if target_config is not None:
         check_fits(cfg, target_config, weights_hash, kv_shape)
     head = MTPHead(cfg)
@@ -104,6 +104,7 @@ def load_drafter(folder: str | Path, target_config=None, weights_hash: str | Non
     if "frequent_tokens" in state:
         head.frequent_tokens = state["frequent_tokens"].clone()
     head.load_state_dict(state)
+    head.calibration = meta.get("calibration")  # observed acceptance per confidence (or None)
     check_token_ordering(head, folder)
     return head.eval()
 

@@ -113,6 +113,7 @@ class TargetStates:
     values: torch.Tensor  # [L, kvh, T, Dh] fp16
     probs: torch.Tensor   # [T, k] fp16: top-k probabilities of the next token (0 before known_from)
     tops: torch.Tensor    # [T, k] int32: their token ids
+    layers: tuple[int, ...] = ()  # the target layer of each entry of keys/values (() : as read)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -145,7 +146,7 @@ class _Recorder:
     """A ``batch.StateRecorder`` that assembles each sequence's ``TargetStates`` (fp16, CPU)."""
 
     def __init__(self, layers: tuple[int, ...], top_k: int):
-        self.layers, self.top_k = list(layers), top_k
+        self.layers, self.top_k = sorted(set(layers)), top_k  # each layer's K/V once
         self._hidden: dict[int, list[tuple[int, torch.Tensor]]] = {}
         self._next: dict[int, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
         self.states: dict[int, TargetStates] = {}
@@ -170,7 +171,7 @@ class _Recorder:
             ids=ids[:length], known_from=known_from, hidden=hidden[:length],
             keys=torch.stack([cache.k[layer][row, :, :length] for layer in self.layers]).half().cpu(),
             values=torch.stack([cache.v[layer][row, :, :length] for layer in self.layers]).half().cpu(),
-            probs=probs, tops=tops)
+            probs=probs, tops=tops, layers=tuple(self.layers))
 
 
 def _generate(model, prompts, max_new_tokens, params, generator, recorder: _Recorder | None = None):

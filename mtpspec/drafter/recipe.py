@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+from collections import Counter
 import json
 import random
 import time
@@ -42,7 +43,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-gen-seconds", type=float, default=None,
                         help="stop generating training data after this long")
     parser.add_argument("--prompts", action="append", default=[],
-                        help="JSONL prompt file, or 'sharegpt' (repeatable)")
+                        help="JSONL prompt file, 'sharegpt', or 'mix' (repeatable; 'mix': the "
+                             "general-text task mix of drafter/mix.py, with any JSONL files given "
+                             "as one of its tasks; its held-out prompts come from its own split)")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="generated data file to read, or to write if missing (default: "
+                             "WORK/data.pt); recipe variants share one")
+    parser.add_argument("--labels", default="soft", choices=("soft", "hard"),
+                        help="soft: the target's top-k distribution; hard: its top-1 token")
+    parser.add_argument("--init-from", type=Path, default=None,
+                        help="start from this drafter folder's weights (same shape) instead of "
+                             "a fresh initialisation")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--prompt-ids", type=Path, help="pre-tokenized prompts (JSON list of lists)")
     parser.add_argument("--num-prompts", type=int, default=2000)
     parser.add_argument("--max-prompt-tokens", type=int, default=160)
@@ -87,7 +99,12 @@ def _generate(target, prompts, args, device, log, layers=None) -> list:
     sequences = []
     sampled = SamplingParams(temperature=0.8, top_p=0.95)
     generator = torch.Generator().manual_seed(args.seed)  # sampling runs on the CPU (BatchSession)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths batch well
+    # similar lengths batch well; sorted within blocks of 8 batches, so that a time budget that
+    # stops early still keeps the mix's long prompts (documents) in proportion
+    block = 8 * args.gen_batch
+    order = [i for first in range(0, len(prompts), block)
+             for i in sorted(range(first, min(first + block, len(prompts))),
+                             key=lambda i: len(prompts[i]))]
     start = time.time()
     for n, first in enumerate(range(0, len(order), args.gen_batch)):
         if args.max_gen_seconds is not None and time.time() - start > args.max_gen_seconds:
@@ -172,6 +189,8 @@ def _init_vocabulary(head: MTPHead, target, sequences: list[list[int]], seed: in
 
 def run(args: argparse.Namespace, log=print) -> dict:
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     # --gen-weights (CPU, native Gemma 3): the engine's packed target writes the responses and its
@@ -183,21 +202,32 @@ def run(args: argparse.Namespace, log=print) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     work = args.work_dir or args.out
     work.mkdir(parents=True, exist_ok=True)
-    data_path = work / "data.pt"
+    data_path = args.data or work / "data.pt"
     if data_path.exists():
         data = torch.load(data_path, weights_only=False)
         log(f"reusing {len(data['train'])} generated sequences from {data_path}")
     else:
-        if args.prompt_ids:
-            opener = gzip.open if args.prompt_ids.suffix == ".gz" else open
-            with opener(args.prompt_ids, "rt") as handle:
-                prompts = json.load(handle)[:args.num_prompts + args.eval_prompts]
-        else:
+        if "mix" in args.prompts:
+            from mtpspec.drafter.mix import mix_prompts
+
             tokenizer = tokenizer_of()
-            prompts = build_prompts(tokenizer, args.prompts or ["sharegpt"],
-                                    args.num_prompts + args.eval_prompts, args.max_prompt_tokens,
-                                    args.seed)
-        held_out, train_prompts = prompts[:args.eval_prompts], prompts[args.eval_prompts:]
+            files = tuple(p for p in args.prompts if p not in ("mix", "sharegpt"))
+            train_prompts, kinds = mix_prompts(tokenizer, args.num_prompts, args.max_prompt_tokens,
+                                               args.seed, files)
+            held_out, _ = mix_prompts(tokenizer, args.eval_prompts, args.max_prompt_tokens,
+                                      args.seed, files, split="heldout")
+            log(f"prompt mix: {dict(sorted(Counter(kinds).items()))}")
+        else:
+            if args.prompt_ids:
+                opener = gzip.open if args.prompt_ids.suffix == ".gz" else open
+                with opener(args.prompt_ids, "rt") as handle:
+                    prompts = json.load(handle)[:args.num_prompts + args.eval_prompts]
+            else:
+                tokenizer = tokenizer_of()
+                prompts = build_prompts(tokenizer, args.prompts or ["sharegpt"],
+                                        args.num_prompts + args.eval_prompts,
+                                        args.max_prompt_tokens, args.seed)
+            held_out, train_prompts = prompts[:args.eval_prompts], prompts[args.eval_prompts:]
         evaluation = [p + r for p, r in zip(held_out, generate_batch(
             target, held_out, args.max_new_tokens, SamplingParams()))]
         layers = head.cfg.target_layers if states else None
@@ -210,7 +240,14 @@ def run(args: argparse.Namespace, log=print) -> dict:
                          unroll=args.unroll, lr=args.lr, seed=args.seed, device=str(device),
                          eval_every=args.eval_every, save_every=args.eval_every,
                          autocast_bf16=device.type == "cuda", max_seconds=args.max_seconds,
-                         loss_vocab=args.loss_vocab)
+                         loss_vocab=args.loss_vocab, labels=args.labels)
+    if args.init_from is not None:
+        from mtpspec.drafter.checkpoint import load_drafter
+
+        start = load_drafter(args.init_from, target_config, target_hash)
+        head.load_state_dict(start.state_dict())
+        head.frequent_tokens = start.frequent_tokens.clone()
+        log(f"initialised from {args.init_from}")
     result = train(head, target, data["train"], config, args.out, data["eval"], log=log,
                    state_dir=work,
                    extra_meta={"train_sequences": len(data["train"])})

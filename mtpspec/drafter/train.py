@@ -53,6 +53,7 @@ class TrainConfig:
     max_seconds: float | None = None  # stop (and save) after this much training time
     loss_vocab: int = 0          # 0: softmax over the whole vocabulary; N: over the batch's soft
                                  # targets plus the N most frequent tokens (CPU: ~16x cheaper)
+    labels: str = "soft"         # "soft": the target's top-k distribution; "hard": its argmax
 
 
 def target_fingerprint(model: TargetModel) -> str:
@@ -115,8 +116,12 @@ def stored_pass(states: list, length: int, layers: tuple[int, ...], device):
     ids, valid = pad_batch([st.ids for st in states], length, "cpu")
     for b, st in enumerate(states):
         n = min(length, len(st.ids))
-        k[list(layers), b, :, :n] = st.keys[:, :, :n].float()
-        v[list(layers), b, :, :n] = st.values[:, :, :n].float()
+        stored = list(getattr(st, "layers", ()) or layers)  # older data: one entry per layer read
+        for layer in set(layers):
+            if layer not in stored:
+                raise ValueError(f"the recorded states hold target layers {stored}, not {layer}")
+            k[layer, b, :, :n] = st.keys[stored.index(layer), :, :n].float()
+            v[layer, b, :, :n] = st.values[stored.index(layer), :, :n].float()
         hidden[b, :n] = st.hidden[:n].float()
         probs[b, :n], tops[b, :n] = st.probs[:n].float(), st.tops[:n].long()
         known[b, st.known_from:n] = True
@@ -189,7 +194,7 @@ def evaluate(head: MTPHead, target: TargetModel, sequences: list[list[int]], max
 
     logits_of = (OwnHeadLogits(head, head_kind) if head.cfg.lm_head_source == "draft"
                  else DraftHeadLogits(head, target, head_kind))
-    matched_len = []
+    matched_len, confidence, accepted = [], [], []  # calibration: per draft, while reachable
     for seq in sequences:
         ids, _ = pad_batch([seq], min(len(seq), seq_len), device)
         hidden, cache, _, tops = target_pass(target, ids, 1)
@@ -199,16 +204,21 @@ def evaluate(head: MTPHead, target: TargetModel, sequences: list[list[int]], max
         run = torch.zeros(length - 1, dtype=torch.long, device=ids.device)
         for i, state in unroll(head, target, ids, hidden, cache, max_k):
             h = state[0]  # [T-1, d]
-            draft = []
+            draft, top = [], []
             for start in range(0, h.shape[0], 64):
                 logits, idx = logits_of(h[start:start + 64])
                 best = logits.argmax(-1)
                 draft.append(best if idx is None else idx.gather(1, best[:, None]).squeeze(1))
-            draft = torch.cat(draft)
+                top.append(logits.float().softmax(-1).amax(-1))  # the proposer's confidence
+            draft, top = torch.cat(draft), torch.cat(top)
             target_pos = torch.arange(1, length, device=ids.device) + i
             valid = target_pos < length
             want = greedy[target_pos.clamp(max=length - 1)]
+            reachable = ok & valid  # the draft is verified only if every earlier one was accepted
+            confidence.append(torch.stack([top[reachable].cpu(),
+                                           torch.full((int(reachable.sum()),), float(i))]))
             ok &= (draft == want) & valid
+            accepted.append(ok[reachable].cpu())
             run += ok.long()
         # only P whose whole max_k window is inside the sequence counts
         matched_len.append(run[: max(0, length - 1 - max_k)].cpu())
@@ -216,7 +226,31 @@ def evaluate(head: MTPHead, target: TargetModel, sequences: list[list[int]], max
     tau = {k: float(1 + runs.clamp(max=k).mean()) for k in range(1, max_k + 1)}
     per_pos = [float((runs > i).float().mean() / max((runs >= i).float().mean(), 1e-9))
                for i in range(max_k)]
-    return {"tau": tau, "acceptance_per_position": per_pos, "positions": len(runs)}
+    return {"tau": tau, "acceptance_per_position": per_pos, "positions": len(runs),
+            "calibration": calibration(torch.cat(confidence, 1), torch.cat(accepted))}
+
+
+CALIBRATION_BINS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0001)
+
+
+def calibration(confidence: torch.Tensor, accepted: torch.Tensor) -> dict:
+    """Observed acceptance of a draft against the head's own confidence in it (its top
+    probability), over drafts that verification would see: per confidence bin, the mean
+    confidence ("predicted"), the observed acceptance rate and the count. confidence [2, N]:
+    (top probability, draft position); accepted [N] bool. The proposer's calibrated stop
+    interpolates "observed" at the bin means (``proposers.mtp.Calibration``)."""
+    top, hit = confidence[0], accepted.float()
+    bins = torch.tensor(CALIBRATION_BINS)
+    which = torch.bucketize(top, bins, right=True) - 1  # [N] bin of each draft
+    predicted, observed, count = [], [], []
+    for b in range(len(bins) - 1):
+        inside = which == b
+        n = int(inside.sum())
+        if n:
+            predicted.append(round(float(top[inside].mean()), 4))
+            observed.append(round(float(hit[inside].mean()), 4))
+            count.append(n)
+    return {"predicted": predicted, "observed": observed, "count": count}
 
 
 def train(head: MTPHead, target: TargetModel, sequences: list[list[int]], config: TrainConfig,
@@ -232,12 +266,12 @@ def train(head: MTPHead, target: TargetModel, sequences: list[list[int]], config
     optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr,
                                   weight_decay=config.weight_decay, betas=(0.9, 0.95))
     state_path = (state_dir or out) / "train_state.pt"
-    step, history = 0, []
+    step, history, seen = 0, [], 0  # seen: training tokens (target positions with a label)
     if state_path.exists():
         saved = torch.load(state_path, map_location=device, weights_only=False)
         head.load_state_dict(saved["head"])
         optimizer.load_state_dict(saved["optimizer"])
-        step, history = saved["step"], saved["history"]
+        step, history, seen = saved["step"], saved["history"], saved.get("tokens", 0)
         log(f"resumed from step {step}")
     order = torch.Generator().manual_seed(config.seed)
     perm = torch.randperm(len(sequences), generator=order).tolist()
@@ -254,7 +288,7 @@ def train(head: MTPHead, target: TargetModel, sequences: list[list[int]], config
             config = replace(config, steps=step)  # out of time: save this step as the last
             if step % config.save_every:
                 _save(head, optimizer, target, fingerprint, config, history, out, step,
-                      extra_meta, state_path)
+                      extra_meta, state_path, seen)
             break
         batch = [sequences[perm[(cursor + j) % len(perm)]] for j in range(config.batch_size)]
         cursor = (cursor + config.batch_size) % len(perm)
@@ -266,6 +300,9 @@ def train(head: MTPHead, target: TargetModel, sequences: list[list[int]], config
             ids, valid = pad_batch(batch, length, device)
             hidden, cache, probs, tops = target_pass(target, ids, config.top_k)
             known = valid
+        if config.labels == "hard":  # one-hot on the target's argmax (tops are sorted by prob)
+            probs = torch.zeros_like(probs)
+            probs[..., 0] = 1.0
         progress = step / max(1, config.steps)
         if config.max_seconds:
             progress = max(progress, (time.time() - started) / config.max_seconds)
@@ -293,6 +330,8 @@ def train(head: MTPHead, target: TargetModel, sequences: list[list[int]], config
                 loss = loss + soft_ce(state, emb, p, t_emb, w, config.loss_chunk)
                 loss = loss + 0.1 * cluster_ce(state, head, p, t, w)
                 count += int(ok.sum())
+                if i == 0:
+                    seen += int(ok.sum())
                 if i == 0:  # running acceptance estimate: top-1 agreement among the target's top-k
                     with torch.no_grad():
                         cand = emb[t_emb[:, :64]]  # [B, <=64, k, d]
@@ -318,19 +357,23 @@ def train(head: MTPHead, target: TargetModel, sequences: list[list[int]], config
             head.eval()
             result = evaluate(head, target, eval_sequences, device=device)
             head.train()
-            history.append({"step": step, "loss": running, **result})
+            history.append({"step": step, "tokens": seen, "seconds": time.time() - started,
+                            "loss": running, **result})
             log(f"eval step {step}: tau@k {json.dumps({k: round(v, 3) for k, v in result['tau'].items()})}"
                 f" per-position {[round(x, 3) for x in result['acceptance_per_position']]}")
         if step % config.save_every == 0 or step == config.steps:
             _save(head, optimizer, target, fingerprint, config, history, out, step, extra_meta,
-                  state_path)
+                  state_path, seen)
     return {"steps": step, "history": history, "seconds": time.time() - started}
 
 
 def _save(head, optimizer, target, fingerprint, config, history, out, step, extra_meta,
-          state_path) -> None:
+          state_path, seen=0) -> None:
     if target_fingerprint(target) != fingerprint:
         raise RuntimeError("the target's weights changed during training")
-    save_drafter(head, out, {"train": asdict(config), "history": history, **(extra_meta or {})})
+    meta = {"train": asdict(config), "history": history, **(extra_meta or {})}
+    if history and history[-1].get("step") == step and "calibration" in history[-1]:
+        meta["calibration"] = history[-1]["calibration"]  # for the proposer's calibrated stop
+    save_drafter(head, out, meta)
     torch.save({"head": head.state_dict(), "optimizer": optimizer.state_dict(),
-                "step": step, "history": history}, state_path)
+                "step": step, "history": history, "tokens": seen}, state_path)

@@ -9,9 +9,12 @@ target's own tied embedding, used three ways (``DrafterConfig.head``):
 - ``frequency``: exact logits over a fixed set of the most frequent tokens.
 
 Dynamic draft length: with ``min_confidence`` set, a row stops drafting once the drafter's own
-estimate that its whole draft so far is accepted (the product of its top probabilities, softmax
-over the head's candidate tokens) falls below it; the batch stops when every row has. The choice
-uses the drafter's numbers only, so verification stays exact for any draft length.
+estimate that its whole draft so far is accepted falls below it; the batch stops when every row
+has. The estimate is the product over the draft of each token's acceptance probability: the head's
+top probability (softmax over its candidate tokens) mapped through the head's ``Calibration`` (the
+acceptance observed at that confidence on held-out text when it was trained, stored in
+``drafter.json``), or the raw top probability for a head without one. The choice uses the
+drafter's numbers only, so verification stays exact for any draft length.
 
 On the CPU with a packed target, each draft step (and the clustered head) runs in C++
 (``fused.FusedDrafter``, weights packed once at construction); ``DraftHeadLogits`` and
@@ -20,6 +23,7 @@ On the CPU with a packed target, each draft step (and the clustered head) runs i
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import torch
 
@@ -29,6 +33,47 @@ from mtpspec.models.base import TargetModel
 from mtpspec.ops import FORMATS
 from mtpspec.proposers.base import Draft, DraftState
 from mtpspec.sampling import logits_to_probs, sample
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The head's confidence in a draft (its top probability) -> the probability that
+    verification accepts it, as observed on held-out text (``drafter.train.calibration``):
+    piecewise linear through (mean confidence, observed acceptance) per confidence bin, made
+    non-decreasing (pool-adjacent-violators), flat beyond the first and last bins."""
+
+    predicted: tuple[float, ...]
+    observed: tuple[float, ...]
+
+    @classmethod
+    def from_json(cls, table: dict | None) -> "Calibration | None":
+        if not table or not table.get("predicted"):
+            return None
+        counts = list(table.get("count") or [1] * len(table["predicted"]))
+        return cls(tuple(table["predicted"]), tuple(_monotone(table["observed"], counts)))
+
+    def __call__(self, top: torch.Tensor) -> torch.Tensor:
+        """top [B] -> calibrated acceptance probability [B]."""
+        xs = torch.tensor(self.predicted, dtype=torch.float32)
+        ys = torch.tensor(self.observed, dtype=torch.float32)
+        top = top.float().clamp(float(xs[0]), float(xs[-1]))
+        right = torch.searchsorted(xs, top).clamp(1, max(1, len(xs) - 1))
+        if len(xs) == 1:
+            return ys.expand_as(top).clone()
+        x0, x1, y0, y1 = xs[right - 1], xs[right], ys[right - 1], ys[right]
+        w = ((top - x0) / (x1 - x0).clamp(min=1e-9)).clamp(0, 1)
+        return y0 + w * (y1 - y0)
+
+
+def _monotone(values: list[float], weights: list[int]) -> list[float]:
+    """Pool-adjacent-violators: the closest non-decreasing sequence (weighted least squares)."""
+    blocks = []  # [mean, weight, length]
+    for value, weight in zip(values, weights):
+        blocks.append([float(value), float(weight), 1])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            (m1, w1, n1), (m2, w2, n2) = blocks[-2], blocks[-1]
+            blocks[-2:] = [[(m1 * w1 + m2 * w2) / (w1 + w2), w1 + w2, n1 + n2]]
+    return [mean for mean, _, n in blocks for _ in range(n)]
 
 
 class DraftHeadLogits:
@@ -82,6 +127,7 @@ class MTPProposer:
         if min_confidence is not None and not 0.0 < min_confidence < 1.0:
             raise ValueError(f"min_confidence must be in (0, 1), got {min_confidence!r}")
         self.min_confidence = min_confidence
+        self.calibration = Calibration.from_json(getattr(head, "calibration", None))
         self.head = head.eval()
         self.target = target
         self.logits = DraftHeadLogits(head, target, head_kind)
@@ -126,7 +172,7 @@ class MTPProposer:
             tokens[:, i] = token
             if dynamic:  # reach only falls, so a stopped row stays stopped
                 top = (torch.softmax(logits.float(), dim=-1) if greedy else q).amax(-1)  # [B]
-                reach = reach * top
+                reach = reach * (top if self.calibration is None else self.calibration(top))
                 keep = reach >= self.min_confidence  # [B]
                 num_drafts += keep.long()
                 if not bool(keep.any()):
