@@ -214,8 +214,9 @@ def run(args: argparse.Namespace, log=print) -> dict:
             files = tuple(p for p in args.prompts if p not in ("mix", "sharegpt"))
             train_prompts, kinds = mix_prompts(tokenizer, args.num_prompts, args.max_prompt_tokens,
                                                args.seed, files)
-            held_out, _ = mix_prompts(tokenizer, args.eval_prompts, args.max_prompt_tokens,
-                                      args.seed, files, split="heldout")
+            held_out, eval_tasks = mix_prompts(tokenizer, args.eval_prompts,
+                                               args.max_prompt_tokens, args.seed, files,
+                                               split="heldout")
             log(f"prompt mix: {dict(sorted(Counter(kinds).items()))}")
         else:
             if args.prompt_ids:
@@ -233,6 +234,8 @@ def run(args: argparse.Namespace, log=print) -> dict:
         layers = head.cfg.target_layers if states else None
         data = {"train": _generate(target, train_prompts, args, device, log, layers),
                 "eval": evaluation}
+        if "mix" in args.prompts:
+            data["eval_tasks"] = eval_tasks
         torch.save(data, data_path)
     _init_vocabulary(head, target, [list(seq.ids) if hasattr(seq, "ids") else seq
                                     for seq in data["train"]], args.seed)
@@ -256,9 +259,16 @@ def run(args: argparse.Namespace, log=print) -> dict:
     with torch.no_grad():
         final = {kind: evaluate(head.eval(), target, data["eval"], device=device, head_kind=kind)
                  for kind in kinds}
+        tasks = data.get("eval_tasks")
+        if tasks and len(tasks) == len(data["eval"]):  # held-out acceptance per kind of text
+            final["per_task"] = {
+                task: evaluate(head, target, [s for s, t in zip(data["eval"], tasks) if t == task],
+                               device=device)
+                for task in sorted(set(tasks))}
     (args.out / "eval.json").write_text(json.dumps(final, indent=1))
-    log(json.dumps({kind: {"tau": r["tau"], "per_position": r["acceptance_per_position"]}
-                    for kind, r in final.items()}))
+    log(json.dumps({kind: {"tau": final[kind]["tau"],
+                           "per_position": final[kind]["acceptance_per_position"]}
+                    for kind in kinds}))
     if args.layout == "gemma4-assistant":
         from mtpspec.drafter.gemma4_assistant import save_assistant
 
