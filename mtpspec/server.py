@@ -379,6 +379,7 @@ async def _stream(server: MTPServer, parsed: CompletionRequest, tickets: list[Ti
     ident, name, tokenizer = openai_api.new_id(parsed.chat), server.model.name, server.model.tokenizer
     results: list[GenerationResult | None] = [None] * parsed.n
     held: list[list] = [[] for _ in range(parsed.n)]  # logprob entries not yet sent, per choice
+    tokens: list[list] = [[] for _ in range(parsed.n)]  # include_draft entries not yet sent
     sse = lambda payload: b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n"  # noqa: E731
     try:
         if parsed.chat:
@@ -393,17 +394,21 @@ async def _stream(server: MTPServer, parsed: CompletionRequest, tickets: list[Ti
             if isinstance(event, TokenEvent):
                 if event.logprob is not None:
                     held[index].append(event.logprob)
+                if parsed.include_draft and event.token_id >= 0:
+                    tokens[index].append(openai_api.token_entry(event.token_id, event.from_draft,
+                                                                event.drafted))
                 if event.text:
                     logprobs = openai_api.logprobs_body(parsed, tokenizer, held[index])
                     held[index] = []
                     yield sse(openai_api.chunk(parsed, ident, name, event.text, index=index,
-                                               logprobs=logprobs))
+                                               logprobs=logprobs, tokens=tokens[index]))
+                    tokens[index] = []
             elif isinstance(event, FinishEvent):
                 results[index] = event.result
                 logprobs = (openai_api.logprobs_body(parsed, tokenizer, held[index])
                             if held[index] else None)
                 yield sse(openai_api.chunk(parsed, ident, name, None, event.result.finish_reason,
-                                           index=index, logprobs=logprobs))
+                                           index=index, logprobs=logprobs, tokens=tokens[index]))
         if parsed.include_usage and all(r is not None for r in results):
             yield sse(openai_api.usage_chunk(parsed, ident, name, results))
         yield b"data: [DONE]\n\n"
