@@ -3,7 +3,8 @@
 Endpoints: ``POST /v1/completions`` and ``POST /v1/chat/completions`` (whole responses, or with
 ``"stream": true`` Server-Sent Events ending in ``data: [DONE]``, plus a usage chunk when
 ``stream_options.include_usage``), ``GET /v1/models``, ``GET /health`` (503 while the engine
-thread is dead) and ``GET /metrics`` (Prometheus text, ``server_metrics``). Request checking and
+thread is dead), ``GET /metrics`` (Prometheus text, ``server_metrics``) and the web playground at
+``GET /`` (``playground``: static files that use the API above). Request checking and
 response bodies are ``openai_api``'s; decoding is a ``BatchSession`` driven by the
 ``Scheduler``'s one engine thread, so concurrent requests decode together.
 
@@ -37,14 +38,15 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from mtpspec import openai_api
+from mtpspec import openai_api, playground
 from mtpspec.engine import Engine
 from mtpspec.kv_cache import CacheFullError
 from mtpspec.openai_api import APIError, CompletionRequest, ServedModel
 from mtpspec.scheduler import EngineFailure, Scheduler, ServerBusyError, Ticket
 from mtpspec.sequence import FinishEvent, GenerationResult, TokenEvent
 
-ROUTES = ("/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions")
+ROUTES = ("/", "/static", "/health", "/metrics", "/v1/models", "/v1/completions",
+          "/v1/chat/completions")
 
 
 @dataclass(frozen=True)
@@ -124,6 +126,8 @@ class MTPServer:
         """Count an answered request (unknown paths share one label)."""
         if path.startswith("/v1/models/"):
             path = "/v1/models"
+        elif path.startswith("/static/"):
+            path = "/static"
         self.scheduler.metrics.count_request(path if path in ROUTES else "other", status)
 
 
@@ -172,7 +176,8 @@ def build_app(server: MTPServer) -> FastAPI:
     def card() -> dict:
         return {"id": server.model.name, "object": "model", "created": server.started,
                 "owned_by": "mtpspec", "context_length": server.model.context,
-                "speculative": {"method": config.spec, "draft_k": server.model.draft_k}}
+                "speculative": {"method": config.spec, "draft_k": server.model.draft_k},
+                "chat_template": server.model.tokenizer.chat_template is not None}
 
     @app.get("/v1/models")
     async def models():
@@ -193,6 +198,7 @@ def build_app(server: MTPServer) -> FastAPI:
     async def chat_completions(request: Request):
         return await _generate(server, request, chat=True)
 
+    playground.add_routes(app)
     return app
 
 
