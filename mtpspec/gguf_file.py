@@ -122,7 +122,8 @@ def read_gguf_tensors(path: str | os.PathLike,
             raise GGUFError(f"{path}: tensor {name} has block type {kind}, which is not "
                             f"supported (supported: {', '.join(SUPPORTED_TENSOR_TYPES)})")
     try:
-        reader = GGUFReader(str(path))
+        with progress.waiting(f"reading {os.path.basename(path)}", quiet):  # its metadata: slow
+            reader = GGUFReader(str(path))
     except (ValueError, IndexError, struct.error, OSError) as err:
         raise GGUFError(f"{path}: truncated or corrupt GGUF file ({err})") from err
     size = os.path.getsize(path)

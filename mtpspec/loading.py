@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from mtpspec import progress
 from mtpspec.config import ModelConfig, RopeScaling
 from mtpspec.families import Family, ModelLoadError, config_from_gguf, config_from_hf, family_for_gguf
 from mtpspec.gguf_file import GGUFError, read_gguf_header, read_gguf_tensors
@@ -181,7 +182,8 @@ def load_gguf(path: Path, with_tensors: bool = True, quiet: bool = False) -> Loa
             raise ModelLoadError(str(err)) from err
         cached.parent.mkdir(parents=True, exist_ok=True)
         tmp = cached.with_suffix(".tmp")
-        save_file(_with_rope(config, tensors), str(tmp))
+        with progress.waiting(f"caching the float32 weights in {cached.parent}", quiet):
+            save_file(_with_rope(config, tensors), str(tmp))
         tmp.replace(cached)
     return LoadedWeights(config=config, tensors=tensors, source=path, weights_hash=digest)
 

@@ -2,15 +2,18 @@
 
 A thin layer over ``tqdm`` (rates and ETA included) with one rule: bars are drawn only on a
 terminal. ``bar`` returns a tqdm that does nothing when ``quiet`` is set or stderr is not a
-terminal (a pipe, a log file, a test), so callers update it unconditionally; ``write`` prints a
-line on stderr above any open bar instead of through it.
+terminal (a pipe, a log file, a test), so callers update it unconditionally; ``waiting`` is the
+same for one long call that reports nothing (a ticking elapsed time, drawn after a second);
+``write`` prints a line on stderr above any open bar instead of through it.
 
 Must not: print to stdout (the CLI's results and JSON go there), or decide anything but display.
 """
 from __future__ import annotations
 
 import sys
+import threading
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import TypeVar
 
 from tqdm import tqdm
@@ -38,6 +41,27 @@ def track(items: Iterable[T], total: int, desc: str, unit: str = "it",
         for item in items:
             yield item
             progress.update(1)
+
+
+@contextmanager
+def waiting(desc: str, quiet: bool = False, delay_s: float = 1.0) -> Iterator[None]:
+    """Show ``desc`` and the elapsed time while the body runs, if it takes over ``delay_s``."""
+    with tqdm(total=None, desc=desc, bar_format="{desc}: {elapsed}", delay=delay_s, leave=False,
+              disable=not shown(quiet), file=sys.stderr) as clock:
+        done = threading.Event()
+
+        def tick() -> None:
+            while not done.wait(0.5):
+                clock.refresh()
+        ticker = threading.Thread(target=tick, name="mtpspec-progress", daemon=True)
+        if not clock.disable:
+            ticker.start()
+        try:
+            yield
+        finally:
+            done.set()
+            if ticker.is_alive():
+                ticker.join()
 
 
 def write(line: str) -> None:

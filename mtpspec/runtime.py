@@ -82,17 +82,20 @@ def _stored_model(loaded: LoadedWeights, weights: str, quiet: bool = False) -> D
                       unit_scale=True) as packing:
         model = DecoderModel(full.config, full.tensors, weights, on_built=packing.update)
     try:
-        save_packed(model, full.tensors, stored, loaded.weights_hash)
+        with progress.waiting(f"storing the packed model in {stored.parent}", quiet):
+            save_packed(model, full.tensors, stored, loaded.weights_hash)
     except OSError as err:
         warnings.warn(f"could not store the packed model ({err}); the next start packs it again")
     return model
 
 
-def load_tokenizer_for(loaded: LoadedWeights) -> Tokenizer:
-    """The tokenizer of the same source as ``loaded`` (cached next to its weights' hash)."""
+def load_tokenizer_for(loaded: LoadedWeights, quiet: bool = False) -> Tokenizer:
+    """The tokenizer of the same source as ``loaded`` (cached next to its weights' hash; a GGUF's
+    is rebuilt from its metadata on the first start, which takes seconds)."""
     if loaded.source.is_dir():
         return load_tokenizer_hf(loaded.source)
-    return load_tokenizer_gguf(loaded.source, cache_root() / loaded.weights_hash[:24])
+    with progress.waiting(f"reading the tokenizer of {loaded.source.name}", quiet):
+        return load_tokenizer_gguf(loaded.source, cache_root() / loaded.weights_hash[:24])
 
 
 def _load_hf_target(folder: Path, weights: str, with_tokenizer: bool, start: float) -> Target:
@@ -132,7 +135,7 @@ def load_target(path: str | Path | None = None, weights: str = DEFAULT_WEIGHTS,
                              "loading dequantizes to float and is not supported here)")
     loaded = load_weights(resolved, with_tensors=False)
     model = _stored_model(loaded, weights, quiet)
-    tokenizer = load_tokenizer_for(loaded) if with_tokenizer else None
+    tokenizer = load_tokenizer_for(loaded, quiet) if with_tokenizer else None
     return Target(model=model, tokenizer=tokenizer, config=model.config, source=loaded.source,
                   weights_hash=loaded.weights_hash, weight_format=weights,
                   load_s=time.perf_counter() - start)
