@@ -45,6 +45,7 @@ async function loadCard() {
   $("model-line").textContent = `${card.id} · ${method} · context ${card.context_length} tokens`;
   $("draft-k").max = String(state.maxK);
   $("draft-k").value = String(state.maxK);
+  setBusy(state.busy);
   $("pane-spec").querySelector(".pane-k").textContent = `up to ${state.maxK} drafts per step`;
   if (card.chat_template && !$("mode").dataset.touched) {
     $("mode").value = "chat";
@@ -241,7 +242,7 @@ function setStatus(kind, message) {
 function setBusy(busy) {
   state.busy = busy;
   $("generate").disabled = busy;
-  $("compare").disabled = busy;
+  $("compare").disabled = busy || state.maxK === 0;  // a server without a drafter: nothing to compare
   $("stop").disabled = !busy;
 }
 
