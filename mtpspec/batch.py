@@ -433,7 +433,7 @@ class BatchSession:
             token = int(emitted[row, i])
             logprob = (_logprob(logits[row, i], token, seq.options.logprobs)
                        if logits is not None else None)
-            self._emit(seq, token, i < n, events, logprob)
+            self._emit(seq, token, i < n, events, logprob, drafted)
             if seq.output.finish is not None:
                 break
         seq.history.extend(int(t) for t in emitted[row, :n + 1])
@@ -520,12 +520,12 @@ class BatchSession:
 
     @staticmethod
     def _emit(seq: _Sequence, token: int, from_draft: bool, events: list[Event],
-              logprob: TokenLogprob | None = None) -> None:
+              logprob: TokenLogprob | None = None, drafted: int = 0) -> None:
         if seq.output.finish is not None:
             return
         text = seq.output.push(token, from_draft, logprob)
         if text is not None:
-            events.append(TokenEvent(seq.seq_id, token, from_draft, text, logprob))
+            events.append(TokenEvent(seq.seq_id, token, from_draft, text, logprob, drafted))
 
     def _retire(self, events: list[Event]) -> None:
         """Finished or failed sequences report and leave the batch (finished ones release their

@@ -4,7 +4,8 @@
 Only argument handling and wiring live here: models load through ``runtime``, proposers come
 from ``proposers.factory``, decoding is the ``engine``'s, and the benchmark is ``bench``'s.
 Every user error (a bad flag value, a missing file, a prompt that does not fit) ends in ONE line
-``mtpspec: error: ...`` on stderr and exit status 2, never a traceback.
+``mtpspec: error: ...`` on stderr and exit status 2, never a traceback. Long waits (a first
+start's packing, the benchmark) show progress bars on a terminal; ``--quiet`` hides them.
 """
 from __future__ import annotations
 
@@ -63,6 +64,8 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
                         help="mtp: stop a draft once the head's estimate that all of it is "
                              "accepted falls below this; --draft-k is then the longest draft "
                              "(default %(default)s; 0: always draft --draft-k tokens)")
+    parser.add_argument("--quiet", "-q", action="store_true",
+                        help="no progress bars (they are drawn only when stderr is a terminal)")
 
 
 def _add_sampling_flags(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
@@ -105,7 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="draft length(s), comma-separated: each speculative method runs per k")
     bench.add_argument("--batch-size", type=int, default=1)
     bench.add_argument("--json", type=Path, default=None, help="write the JSON report here")
-    bench.add_argument("--plot", type=Path, default=None, help="write a PNG plot here")
+    bench.add_argument("--plot", type=Path, default=None,
+                       help="write the PNG plot (speedup and tau per method and category, "
+                            "acceptance per draft position) here (default: next to --json, "
+                            "same name with .png)")
+    bench.add_argument("--no-plot", action="store_true", help="write no plot")
     _add_model_flags(bench)
     _add_sampling_flags(bench, max_new_tokens=64)
     bench.set_defaults(handler=cmd_bench)
@@ -263,7 +270,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UsageError(str(err)) from None
     text = _read_prompt(args.prompt)
     configure_threads()
-    target = load_target(args.model, args.weights, backend=args.backend)
+    target = load_target(args.model, args.weights, backend=args.backend, quiet=args.quiet)
     ids = _encode(target, text, args.chat)
     built = make_proposer(args.spec, target, _proposer_request(args))
     engine = Engine(target.model, target.tokenizer, built.proposer, max_len=args.max_len)
@@ -336,7 +343,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     draft_ks = _draft_ks(args.draft_k)
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
-    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+    if args.plot is not None and args.no_plot:
+        raise UsageError("--plot and --no-plot contradict each other")
+    plot_path = args.plot
+    if plot_path is None and args.json is not None and not args.no_plot:
+        plot_path = args.json.with_suffix(".png")
+    for flag, path in (("--json", args.json), ("--plot", plot_path)):
         if path is not None and not path.resolve().parent.is_dir():
             raise UsageError(f"{flag}: folder {path.resolve().parent} does not exist")
     config = BenchConfig(max_new_tokens=args.max_new_tokens, sampling=_sampling(args),
@@ -345,7 +357,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     prompts = select_prompts(prompts, _split(args.categories), args.limit)
 
     configure_threads()
-    target = load_target(args.model, args.weights, backend=args.backend)
+    target = load_target(args.model, args.weights, backend=args.backend, quiet=args.quiet)
     if names is None:
         names = ["plain", "ngram"]
         if default_spec(target, args.drafter)[0] == "mtp":
@@ -355,8 +367,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(f"mtpspec: bench: {len(prompts)} prompts x {len(methods)} methods "
           f"({', '.join(m.name for m in methods)}); model loaded in {target.load_s:.1f} s",
           file=sys.stderr)
-    bench = run_bench(methods, prompts, prompt_ids, config,
-                      log=lambda message: print(f"mtpspec: bench: {message}", file=sys.stderr))
+    bench = run_bench(methods, prompts, prompt_ids, config, log=_bench_log(args.quiet),
+                      quiet=args.quiet)
     doc = report.summarize(bench, model=target.name, weights=target.weight_format,
                            source=str(args.prompts) if args.prompts else "builtin",
                            draft_ks=draft_ks)
@@ -366,12 +378,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
             args.json.write_text(json.dumps(doc, indent=1, ensure_ascii=False) + "\n")
         except OSError as err:
             raise UsageError(f"cannot write {args.json}: {err.strerror}") from None
-    if args.plot is not None:
-        note = report.plot(doc, str(args.plot))
+    if plot_path is not None:
+        note = report.plot(doc, str(plot_path))
         if note:
             _note(note)
     print(json.dumps(doc, ensure_ascii=False))
     return 0
+
+
+def _bench_log(quiet: bool):
+    """Where the benchmark's progress lines go: stderr when no bar shows them (e.g. a log file);
+    nowhere with --quiet or when bars are drawn."""
+    from mtpspec import progress
+
+    if quiet or progress.shown():
+        return lambda message: None
+    return lambda message: print(f"mtpspec: bench: {message}", file=sys.stderr)
 
 
 # --- serve ----------------------------------------------------------------------------------------
@@ -402,7 +424,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if api_key is not None and not api_key.strip():
         raise UsageError("the API key must not be empty")
     configure_threads()
-    target = load_target(args.model, args.weights, backend=args.backend)
+    target = load_target(args.model, args.weights, backend=args.backend, quiet=args.quiet)
     built = make_proposer(args.spec, target, _proposer_request(args))
     if built.note:
         _note(built.note)
@@ -418,8 +440,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError(f"cannot listen on {args.host}:{args.port}: {err.strerror or err}") from None
     method = "plain" if built.proposer is None else f"{built.spec} k={config.draft_k}"
     print(f"mtpspec: serving {target.name} ({target.weight_format}, {method}, up to "
-          f"{config.max_batch_size} sequences at once) on {server.url}/v1", file=sys.stderr,
-          flush=True)
+          f"{config.max_batch_size} sequences at once) on {server.url}/v1; playground at "
+          f"{server.url}/", file=sys.stderr, flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -15,6 +15,8 @@ import mmap
 import os
 import struct
 
+from mtpspec import progress
+
 SUPPORTED_TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K",
                           "Q5_K", "Q6_K")
 
@@ -102,10 +104,11 @@ def _read_value(buf: mmap.mmap, pos: int, value_type: int) -> tuple[object, int]
     return values, pos
 
 
-def read_gguf_tensors(path: str | os.PathLike) -> dict[str, "numpy.ndarray"]:  # noqa: F821
+def read_gguf_tensors(path: str | os.PathLike,
+                      quiet: bool = False) -> dict[str, "numpy.ndarray"]:  # noqa: F821
     """Every tensor of a GGUF file dequantized to float32 ``[rows, cols]`` (llama.cpp's ne1, ne0),
-    under the file's own names. Raises ``GGUFError`` naming an unsupported block type or a
-    truncated file."""
+    under the file's own names, with a progress bar on a terminal unless ``quiet``. Raises
+    ``GGUFError`` naming an unsupported block type or a truncated file."""
     import numpy as np
     from gguf import GGMLQuantizationType, GGUFReader
     from gguf.quants import dequantize
@@ -119,12 +122,14 @@ def read_gguf_tensors(path: str | os.PathLike) -> dict[str, "numpy.ndarray"]:  #
             raise GGUFError(f"{path}: tensor {name} has block type {kind}, which is not "
                             f"supported (supported: {', '.join(SUPPORTED_TENSOR_TYPES)})")
     try:
-        reader = GGUFReader(str(path))
+        with progress.waiting(f"reading {os.path.basename(path)}", quiet):  # its metadata: slow
+            reader = GGUFReader(str(path))
     except (ValueError, IndexError, struct.error, OSError) as err:
         raise GGUFError(f"{path}: truncated or corrupt GGUF file ({err})") from err
     size = os.path.getsize(path)
     tensors = {}
-    for tensor in reader.tensors:
+    for tensor in progress.track(reader.tensors, len(reader.tensors),
+                                 f"dequantizing {os.path.basename(path)}", "tensor", quiet):
         if tensor.data_offset + tensor.n_bytes > size:
             raise GGUFError(f"{path}: tensor {tensor.name} runs past the end of the file (truncated)")
         try:

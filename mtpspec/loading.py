@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from mtpspec import progress
 from mtpspec.config import ModelConfig, RopeScaling
 from mtpspec.families import Family, ModelLoadError, config_from_gguf, config_from_hf, family_for_gguf
 from mtpspec.gguf_file import GGUFError, read_gguf_header, read_gguf_tensors
@@ -121,10 +122,11 @@ def _unpermute_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
             .reshape(weight.shape))
 
 
-def _gguf_tensors(path: Path, meta: dict) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+def _gguf_tensors(path: Path, meta: dict,
+                  quiet: bool = False) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """Config and float32 tensors under Hugging Face names, llama.cpp's conventions undone."""
     family = family_for_gguf(meta.get("general.architecture"))
-    raw = read_gguf_tensors(path)
+    raw = read_gguf_tensors(path, quiet)
     rope_freqs = raw.pop("rope_freqs.weight", None)
     config = config_from_gguf(meta, [name for name in raw if name != "rope_freqs.weight"],
                               rope_freqs.tolist() if rope_freqs is not None else None)
@@ -154,8 +156,9 @@ def _check_tensors(config: ModelConfig, tensors: dict[str, torch.Tensor], source
                                  f"expected {shape}")
 
 
-def load_gguf(path: Path, with_tensors: bool = True) -> LoadedWeights:
-    """Float32 weights of a GGUF file of a supported family, dequantized once and then cached."""
+def load_gguf(path: Path, with_tensors: bool = True, quiet: bool = False) -> LoadedWeights:
+    """Float32 weights of a GGUF file of a supported family, dequantized once (with a progress
+    bar on a terminal unless ``quiet``) and then cached."""
     from safetensors.torch import load_file, save_file
 
     try:
@@ -174,12 +177,13 @@ def load_gguf(path: Path, with_tensors: bool = True) -> LoadedWeights:
         config = _config_with_rope(config, tensors)
     else:
         try:
-            config, tensors = _gguf_tensors(path, meta)
+            config, tensors = _gguf_tensors(path, meta, quiet)
         except GGUFError as err:
             raise ModelLoadError(str(err)) from err
         cached.parent.mkdir(parents=True, exist_ok=True)
         tmp = cached.with_suffix(".tmp")
-        save_file(_with_rope(config, tensors), str(tmp))
+        with progress.waiting(f"caching the float32 weights in {cached.parent}", quiet):
+            save_file(_with_rope(config, tensors), str(tmp))
         tmp.replace(cached)
     return LoadedWeights(config=config, tensors=tensors, source=path, weights_hash=digest)
 
@@ -276,13 +280,15 @@ def resolve_model_path(path: str | Path | None) -> Path:
     return resolved
 
 
-def load_weights(path: str | Path | None, with_tensors: bool = True) -> LoadedWeights:
+def load_weights(path: str | Path | None, with_tensors: bool = True,
+                 quiet: bool = False) -> LoadedWeights:
     """Weights from a GGUF file, a Hugging Face folder, or (None) the embedded default model.
 
-    ``with_tensors=False`` reads only the configuration and the weights' hash (fast)."""
+    ``with_tensors=False`` reads only the configuration and the weights' hash (fast); ``quiet``
+    hides the progress bar of a GGUF's first dequantization."""
     resolved = resolve_model_path(path)
     if resolved.is_dir():
         return load_hf_folder(resolved, with_tensors)
     if resolved.suffix.lower() != ".gguf":
         raise ModelLoadError(f"{resolved}: expected a .gguf file or a Hugging Face folder")
-    return load_gguf(resolved, with_tensors)
+    return load_gguf(resolved, with_tensors, quiet)

@@ -13,6 +13,16 @@ The other functions build the response objects: a whole completion, stream chunk
 OpenAI's two shapes (completions: ``tokens``/``token_logprobs``/``top_logprobs``/``text_offset``;
 chat: ``content`` entries), and ``usage`` (prompt/completion/total tokens plus the speculative
 counters ``draft_n``, ``draft_n_accepted``, ``mean_acceptance_length``, ``acceptance_per_position``).
+
+Two extensions of the request, both off by default so an OpenAI client sees OpenAI's shapes:
+``draft_k`` (0 up to the server's ``--draft-k``) sets the request's longest draft, and
+``draft_k: 0`` decodes it plainly (the same tokens, one target pass per token: what a side-by-side
+comparison needs); ``stream_options.include_draft`` adds to every stream chunk's choice a
+``tokens`` list, one entry per token whose text the chunk completes:
+``{"id": token id, "from_draft": accepted draft (true) or the target's own token (false),
+"drafted": drafts checked by the verification step that emitted it}``. A step emits its accepted
+drafts then one target token: the bonus when ``drafted`` equals the drafts accepted before it,
+else the correction of the first rejected draft.
 """
 from __future__ import annotations
 
@@ -68,6 +78,7 @@ class _Strict(BaseModel):
 
 class StreamOptions(_Strict):
     include_usage: bool | None = None
+    include_draft: bool | None = None  # extension: per-token provenance in chunks (docstring)
 
 
 class TextPart(_Strict):
@@ -89,6 +100,7 @@ class _Common(_Strict):
     temperature: Annotated[Number, Field(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[Number, Field(gt=0.0, le=1.0)] | None = None
     top_k: Annotated[int, Field(ge=0)] | None = None  # vLLM's extension; 0 turns it off
+    draft_k: Annotated[int, Field(ge=0, le=32)] | None = None  # extension; 0: plain decoding
     seed: Annotated[int, Field(ge=SEED_RANGE[0], lt=SEED_RANGE[1])] | None = None
     stop: str | Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)] | None = None
     stop_token_ids: Annotated[list[int], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
@@ -148,6 +160,7 @@ class CompletionRequest:
     n: int = 1
     echo: bool = False            # completions: the prompt (and its logprobs) before the text
     logprobs: int | None = None   # None: off; else alternatives per token
+    include_draft: bool = False   # stream chunks carry per-token provenance (``tokens``)
 
     def choice_options(self, index: int) -> GenerateOptions:
         """Options of choice ``index``: a seeded request's choice i uses seed + i."""
@@ -229,13 +242,19 @@ def parse_request(body: dict, chat: bool, model: ServedModel) -> CompletionReque
     stream = bool(request.stream)
     if echo and stream:
         raise APIError(400, "echo is not supported with stream", param="echo")
+    draft_k = model.draft_k if request.draft_k is None else request.draft_k
+    if draft_k > model.draft_k:
+        raise APIError(400, f"draft_k must lie in 0..{model.draft_k} on this server (its "
+                            f"--draft-k{'; it decodes plainly' if model.draft_k == 0 else ''})",
+                       param="draft_k")
     options = GenerateOptions(
         max_new_tokens=max_tokens if max_tokens is not None else min(room, model.default_max_tokens),
-        sampling=sampling, stop=stops, draft_k=model.draft_k,
+        sampling=sampling, stop=stops, draft_k=draft_k,
         stop_token_ids=tuple(model.tokenizer.eos_ids) + stop_ids, logprobs=logprobs,
         prompt_logprobs=logprobs if echo else None)
-    include_usage = bool(request.stream_options and request.stream_options.include_usage)
-    return CompletionRequest(chat, prompt_ids, options, stream, include_usage, n, echo, logprobs)
+    stream_options = request.stream_options or StreamOptions()
+    return CompletionRequest(chat, prompt_ids, options, stream, bool(stream_options.include_usage),
+                             n, echo, logprobs, bool(stream_options.include_draft))
 
 
 def _validation_error(err: ValidationError) -> APIError:
@@ -381,8 +400,9 @@ class _NoContext:
 
 def chunk(request: CompletionRequest, ident: str, model: str, text: str | None,
           finish_reason: str | None = None, first: bool = False, index: int = 0,
-          logprobs: dict | None = None) -> dict:
-    """One stream chunk: new text, or (text None) the closing chunk with its finish reason."""
+          logprobs: dict | None = None, tokens: list[dict] | None = None) -> dict:
+    """One stream chunk: new text, or (text None) the closing chunk with its finish reason;
+    ``tokens`` (``include_draft`` only): the provenance entries of the tokens it completes."""
     if request.chat:
         delta = {} if text is None else {"content": text}
         if first:
@@ -392,6 +412,8 @@ def chunk(request: CompletionRequest, ident: str, model: str, text: str | None,
     else:
         choice = {"index": index, "text": text or "", "logprobs": logprobs,
                   "finish_reason": finish_reason}
+    if request.include_draft:
+        choice["tokens"] = tokens or []
     return {"id": ident, "object": "chat.completion.chunk" if request.chat else "text_completion",
             "created": int(time.time()), "model": model, "choices": [choice]}
 
@@ -401,3 +423,8 @@ def usage_chunk(request: CompletionRequest, ident: str, model: str,
     return {"id": ident, "object": "chat.completion.chunk" if request.chat else "text_completion",
             "created": int(time.time()), "model": model, "choices": [],
             "usage": usage(len(request.prompt_ids), results)}
+
+
+def token_entry(token_id: int, from_draft: bool, drafted: int) -> dict:
+    """One ``tokens`` entry of a chunk (``include_draft``; see the module docstring)."""
+    return {"id": token_id, "from_draft": from_draft, "drafted": drafted}

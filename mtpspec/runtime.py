@@ -1,7 +1,9 @@
 """A loaded target: the native model, its tokenizer, and where they came from.
 
 ``load_target(path, weights)`` is the one entry point the CLI, benchmark and server use. The
-tokenizer and chat template always come from the same source as the weights.
+tokenizer and chat template always come from the same source as the weights. A first start
+dequantizes (GGUF) and packs the model, which takes seconds to tens of seconds: both show a
+progress bar on a terminal unless ``quiet``; later starts read the packed model back.
 """
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ import torch
 
 from mtpspec.config import ModelConfig
 from mtpspec.loading import LoadedWeights, ModelLoadError, cache_root, load_weights, resolve_model_path
-from mtpspec.models.decoder import DecoderModel
+from mtpspec import progress
+from mtpspec.models.decoder import DecoderModel, linear_shapes
 from mtpspec.models.hf import HFModel, is_native, load_hf_model
 from mtpspec.models.store import StoreMismatch, load_packed, save_packed
 from mtpspec.ops import FORMATS
@@ -65,7 +68,7 @@ def _source_config(loaded: LoadedWeights) -> ModelConfig | None:
     return loaded.config if loaded.source.is_dir() else None
 
 
-def _stored_model(loaded: LoadedWeights, weights: str) -> DecoderModel:
+def _stored_model(loaded: LoadedWeights, weights: str, quiet: bool = False) -> DecoderModel:
     """A native model of any family, packed once and then read back from a safetensors store."""
     stored = cache_root() / loaded.weights_hash[:24] / f"model-{weights}.safetensors"
     if stored.exists():
@@ -73,20 +76,26 @@ def _stored_model(loaded: LoadedWeights, weights: str) -> DecoderModel:
             return load_packed(stored, loaded.weights_hash, weights, _source_config(loaded))
         except StoreMismatch as err:
             warnings.warn(f"rebuilding the stored model: {err}")
-    full = load_weights(loaded.source)
-    model = DecoderModel(full.config, full.tensors, weights)
+    full = load_weights(loaded.source, quiet=quiet)
+    total = sum(out * inner for out, inner in linear_shapes(full.config).values())
+    with progress.bar(total, f"packing {loaded.source.name} as {weights}", "weight", quiet,
+                      unit_scale=True) as packing:
+        model = DecoderModel(full.config, full.tensors, weights, on_built=packing.update)
     try:
-        save_packed(model, full.tensors, stored, loaded.weights_hash)
+        with progress.waiting(f"storing the packed model in {stored.parent}", quiet):
+            save_packed(model, full.tensors, stored, loaded.weights_hash)
     except OSError as err:
         warnings.warn(f"could not store the packed model ({err}); the next start packs it again")
     return model
 
 
-def load_tokenizer_for(loaded: LoadedWeights) -> Tokenizer:
-    """The tokenizer of the same source as ``loaded`` (cached next to its weights' hash)."""
+def load_tokenizer_for(loaded: LoadedWeights, quiet: bool = False) -> Tokenizer:
+    """The tokenizer of the same source as ``loaded`` (cached next to its weights' hash; a GGUF's
+    is rebuilt from its metadata on the first start, which takes seconds)."""
     if loaded.source.is_dir():
         return load_tokenizer_hf(loaded.source)
-    return load_tokenizer_gguf(loaded.source, cache_root() / loaded.weights_hash[:24])
+    with progress.waiting(f"reading the tokenizer of {loaded.source.name}", quiet):
+        return load_tokenizer_gguf(loaded.source, cache_root() / loaded.weights_hash[:24])
 
 
 def _load_hf_target(folder: Path, weights: str, with_tokenizer: bool, start: float) -> Target:
@@ -104,14 +113,15 @@ def _load_hf_target(folder: Path, weights: str, with_tokenizer: bool, start: flo
 
 
 def load_target(path: str | Path | None = None, weights: str = DEFAULT_WEIGHTS,
-                with_tokenizer: bool = True, backend: str = "native") -> Target:
+                with_tokenizer: bool = True, backend: str = "native", quiet: bool = False) -> Target:
     """Load a target from a GGUF file, a Hugging Face folder, an embedded model's short name
     (``gemma3``, ``smollm2``; None: the default).
 
     Every family of ``families.FAMILIES`` (GGUF or HF folder; Gemma 4 text: HF folders, on
     ``DecoderModel``'s Python layers) runs on the native model; an HF
     folder of any other architecture, or any HF folder with ``backend="hf"``, runs on
-    transformers through ``models.hf.HFModel`` (weights fp32, bf16 or fp16)."""
+    transformers through ``models.hf.HFModel`` (weights fp32, bf16 or fp16). ``quiet`` hides the
+    progress bars of a first start (they are drawn only on a terminal anyway)."""
     if weights not in FORMATS:
         raise ModelLoadError(f"unknown weight format {weights!r}; choose one of {', '.join(FORMATS)}")
     if backend not in BACKENDS:
@@ -124,8 +134,8 @@ def load_target(path: str | Path | None = None, weights: str = DEFAULT_WEIGHTS,
         raise ModelLoadError("--backend hf needs a Hugging Face model folder (transformers' GGUF "
                              "loading dequantizes to float and is not supported here)")
     loaded = load_weights(resolved, with_tensors=False)
-    model = _stored_model(loaded, weights)
-    tokenizer = load_tokenizer_for(loaded) if with_tokenizer else None
+    model = _stored_model(loaded, weights, quiet)
+    tokenizer = load_tokenizer_for(loaded, quiet) if with_tokenizer else None
     return Target(model=model, tokenizer=tokenizer, config=model.config, source=loaded.source,
                   weights_hash=loaded.weights_hash, weight_format=weights,
                   load_s=time.perf_counter() - start)

@@ -59,13 +59,18 @@ class TokenEvent:
     """One emitted token of sequence ``row``; ``text`` is the newly completed text (may be "").
 
     ``row`` is the prompt's index for ``Engine.stream`` and the sequence id ``add`` returned for a
-    ``BatchSession``. A final event with ``token_id == -1`` carries text held back until the end."""
+    ``BatchSession``. A final event with ``token_id == -1`` carries text held back until the end.
+    ``drafted`` is the number of drafts the verification step that emitted this token checked
+    (0 for the prompt's first token and for steps without drafts): a step emits its accepted
+    drafts (``from_draft``) and then one target token, the bonus when every draft was accepted,
+    else the correction of the first rejected one."""
 
     row: int
     token_id: int
     from_draft: bool
     text: str
     logprob: TokenLogprob | None = None  # when the options ask for logprobs
+    drafted: int = 0
 
 
 @dataclass

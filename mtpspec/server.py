@@ -3,7 +3,8 @@
 Endpoints: ``POST /v1/completions`` and ``POST /v1/chat/completions`` (whole responses, or with
 ``"stream": true`` Server-Sent Events ending in ``data: [DONE]``, plus a usage chunk when
 ``stream_options.include_usage``), ``GET /v1/models``, ``GET /health`` (503 while the engine
-thread is dead) and ``GET /metrics`` (Prometheus text, ``server_metrics``). Request checking and
+thread is dead), ``GET /metrics`` (Prometheus text, ``server_metrics``) and the web playground at
+``GET /`` (``playground``: static files that use the API above). Request checking and
 response bodies are ``openai_api``'s; decoding is a ``BatchSession`` driven by the
 ``Scheduler``'s one engine thread, so concurrent requests decode together.
 
@@ -37,14 +38,15 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from mtpspec import openai_api
+from mtpspec import openai_api, playground
 from mtpspec.engine import Engine
 from mtpspec.kv_cache import CacheFullError
 from mtpspec.openai_api import APIError, CompletionRequest, ServedModel
 from mtpspec.scheduler import EngineFailure, Scheduler, ServerBusyError, Ticket
 from mtpspec.sequence import FinishEvent, GenerationResult, TokenEvent
 
-ROUTES = ("/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions")
+ROUTES = ("/", "/static", "/health", "/metrics", "/v1/models", "/v1/completions",
+          "/v1/chat/completions")
 
 
 @dataclass(frozen=True)
@@ -124,6 +126,8 @@ class MTPServer:
         """Count an answered request (unknown paths share one label)."""
         if path.startswith("/v1/models/"):
             path = "/v1/models"
+        elif path.startswith("/static/"):
+            path = "/static"
         self.scheduler.metrics.count_request(path if path in ROUTES else "other", status)
 
 
@@ -172,7 +176,8 @@ def build_app(server: MTPServer) -> FastAPI:
     def card() -> dict:
         return {"id": server.model.name, "object": "model", "created": server.started,
                 "owned_by": "mtpspec", "context_length": server.model.context,
-                "speculative": {"method": config.spec, "draft_k": server.model.draft_k}}
+                "speculative": {"method": config.spec, "draft_k": server.model.draft_k},
+                "chat_template": server.model.tokenizer.chat_template is not None}
 
     @app.get("/v1/models")
     async def models():
@@ -193,6 +198,7 @@ def build_app(server: MTPServer) -> FastAPI:
     async def chat_completions(request: Request):
         return await _generate(server, request, chat=True)
 
+    playground.add_routes(app)
     return app
 
 
@@ -379,6 +385,7 @@ async def _stream(server: MTPServer, parsed: CompletionRequest, tickets: list[Ti
     ident, name, tokenizer = openai_api.new_id(parsed.chat), server.model.name, server.model.tokenizer
     results: list[GenerationResult | None] = [None] * parsed.n
     held: list[list] = [[] for _ in range(parsed.n)]  # logprob entries not yet sent, per choice
+    tokens: list[list] = [[] for _ in range(parsed.n)]  # include_draft entries not yet sent
     sse = lambda payload: b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n"  # noqa: E731
     try:
         if parsed.chat:
@@ -393,17 +400,21 @@ async def _stream(server: MTPServer, parsed: CompletionRequest, tickets: list[Ti
             if isinstance(event, TokenEvent):
                 if event.logprob is not None:
                     held[index].append(event.logprob)
+                if parsed.include_draft and event.token_id >= 0:
+                    tokens[index].append(openai_api.token_entry(event.token_id, event.from_draft,
+                                                                event.drafted))
                 if event.text:
                     logprobs = openai_api.logprobs_body(parsed, tokenizer, held[index])
                     held[index] = []
                     yield sse(openai_api.chunk(parsed, ident, name, event.text, index=index,
-                                               logprobs=logprobs))
+                                               logprobs=logprobs, tokens=tokens[index]))
+                    tokens[index] = []
             elif isinstance(event, FinishEvent):
                 results[index] = event.result
                 logprobs = (openai_api.logprobs_body(parsed, tokenizer, held[index])
                             if held[index] else None)
                 yield sse(openai_api.chunk(parsed, ident, name, None, event.result.finish_reason,
-                                           index=index, logprobs=logprobs))
+                                           index=index, logprobs=logprobs, tokens=tokens[index]))
         if parsed.include_usage and all(r is not None for r in results):
             yield sse(openai_api.usage_chunk(parsed, ident, name, results))
         yield b"data: [DONE]\n\n"

@@ -211,6 +211,22 @@ def test_bench_adds_plain_and_filters(models, tmp_path, capsys):
     assert [o["id"] for o in doc["results"]["ngram"]["outputs"]] == [81]
 
 
+def test_bench_plots_next_to_its_json_unless_told_not_to(models, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    prompts = write_prompts(tmp_path / "prompts.jsonl")
+    common = ["bench", "--model", str(models["base"]), "--prompts", str(prompts), "--methods",
+              "plain,ngram", "--limit", "2", "--max-new-tokens", "4", "--quiet"]
+    status, _, err = run_cli(common + ["--json", str(tmp_path / "run.json")], capsys)
+    assert status == 0, err
+    assert (tmp_path / "run.png").read_bytes()[:4] == b"\x89PNG"
+    assert "bench: batch" not in err  # --quiet: no progress lines either
+    status, _, err = run_cli(common + ["--json", str(tmp_path / "bare.json"), "--no-plot"], capsys)
+    assert status == 0, err
+    assert (tmp_path / "bare.json").exists() and not (tmp_path / "bare.png").exists()
+    status, _, err = run_cli(common + ["--plot", str(tmp_path / "x.png"), "--no-plot"], capsys)
+    assert_one_error_line(status, err, "contradict")
+
+
 def test_bench_malformed_prompt_file(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "fine"}\n{"prompt": "broken"\n')

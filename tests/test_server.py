@@ -291,3 +291,93 @@ def test_load_16_clients_no_errors_no_mixups(server, target, solo):
     assert not mismatches
     assert metric(server, "requests_running") == 0
     assert metric(server, "batch_rows_total") > metric(server, "batch_steps_total")  # batched
+
+
+def sse_chunks(server, path: str, body: dict) -> list[dict]:
+    """The JSON chunks of a streamed request, read off the wire (without the final [DONE])."""
+    request = urllib.request.Request(server.url + path, data=json.dumps(body).encode(),
+                                     method="POST", headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        events = [e for e in response.read().decode().split("\n\n") if e]
+    assert events[-1] == "data: [DONE]"
+    return [json.loads(e[len("data: "):]) for e in events[:-1]]
+
+
+def steps_of(entries: list[dict]) -> list[list[dict]]:
+    """Token entries grouped by verification step: accepted drafts, then the target's token."""
+    steps, current = [], []
+    for entry in entries:
+        current.append(entry)
+        if not entry["from_draft"]:
+            steps.append(current)
+            current = []
+    assert not current, "a step ends with the target's token"
+    return steps
+
+
+REPEATING = "alpha beta gamma alpha beta gamma alpha beta"
+
+
+def test_include_draft_marks_every_token(server, target):
+    """``stream_options.include_draft``: one entry per token, in order, the greedy tokens; drafts
+    and steps agree with usage; without it the chunks keep OpenAI's shape."""
+    ids = target.tokenizer.encode(REPEATING)
+    options = GenerateOptions(max_new_tokens=40, stop_token_ids=tuple(target.tokenizer.eos_ids))
+    plain = Engine(target.model, target.tokenizer, max_len=MAX_LEN).generate([ids], options)[0]
+    alone = Engine(target.model, target.tokenizer, NgramProposer(), max_len=MAX_LEN).generate(
+        [ids], options)[0]  # the server's proposer and draft length, one request at a time
+    body = {"prompt": REPEATING, "max_tokens": 40, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True, "include_draft": True}}
+    chunks = sse_chunks(server, "/v1/completions", body)
+    usage = chunks[-1]["usage"]
+    choices = [c["choices"][0] for c in chunks[:-1]]
+    entries = [entry for choice in choices for entry in choice["tokens"]]
+    assert "".join(choice["text"] for choice in choices) == plain.text
+    assert [e["id"] for e in entries] == plain.token_ids
+    assert [e["from_draft"] for e in entries] == alone.from_draft
+    assert choices[-1]["finish_reason"] == "length"  # so every accepted draft was emitted
+    accepted = sum(e["from_draft"] for e in entries)
+    assert accepted == usage["draft_n_accepted"] > 0
+    steps = steps_of(entries)
+    assert steps[0] == [{"id": plain.token_ids[0], "from_draft": False, "drafted": 0}]  # prefill
+    for step in steps:
+        assert len({e["drafted"] for e in step}) == 1 and len(step) - 1 <= step[0]["drafted"]
+    assert sum(step[0]["drafted"] for step in steps) == usage["draft_n"]
+    # chat streams carry them too (the role chunk has none)
+    chat = sse_chunks(server, "/v1/chat/completions", {
+        "messages": [{"role": "user", "content": REPEATING}], "max_tokens": 12, "temperature": 0,
+        "stream": True, "stream_options": {"include_draft": True}})
+    assert chat[0]["choices"][0]["tokens"] == []
+    assert sum(len(c["choices"][0]["tokens"]) for c in chat) >= 1
+    # opt-in only: a plain stream has no such field
+    body["stream_options"] = {"include_usage": True}
+    assert all("tokens" not in choice for c in sse_chunks(server, "/v1/completions", body)
+               for choice in c["choices"])
+
+
+def test_draft_k_zero_decodes_plainly(server, client, target):
+    """The ``draft_k`` extension: 0 gives the same greedy text with no drafting at all."""
+    speculative = client.completions.create(model=target.name, prompt=REPEATING, max_tokens=40,
+                                            temperature=0)
+    plain = client.completions.create(model=target.name, prompt=REPEATING, max_tokens=40,
+                                      temperature=0, extra_body={"draft_k": 0})
+    assert plain.choices[0].text == speculative.choices[0].text
+    assert speculative.usage.draft_n > 0
+    assert (plain.usage.draft_n, plain.usage.mean_acceptance_length) == (0, 1.0)
+    chunks = sse_chunks(server, "/v1/completions", {
+        "prompt": REPEATING, "max_tokens": 40, "temperature": 0, "draft_k": 0, "stream": True,
+        "stream_options": {"include_draft": True}})
+    entries = [e for c in chunks for e in c["choices"][0]["tokens"]]
+    assert len(entries) == 40 and not any(e["from_draft"] or e["drafted"] for e in entries)
+    shorter = client.completions.create(model=target.name, prompt=REPEATING, max_tokens=40,
+                                        temperature=0, extra_body={"draft_k": 1})
+    assert shorter.choices[0].text == speculative.choices[0].text
+    assert shorter.usage.draft_n <= shorter.usage.completion_tokens
+    chat = client.chat.completions.create(model=target.name, temperature=0, max_tokens=8,
+                                          messages=[{"role": "user", "content": "hi"}],
+                                          extra_body={"draft_k": 0})
+    assert chat.usage.draft_n == 0
+    for value in (5, -1, "2"):  # this server drafts at most 4
+        got, payload = raw_post(server, "/v1/completions", json.dumps(
+            {"prompt": "hi", "draft_k": value}).encode())
+        assert (got, payload["error"]["param"]) == (400, "draft_k"), payload

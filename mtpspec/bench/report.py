@@ -229,8 +229,22 @@ def format_table(doc: dict) -> str:
 
 # --- the plot -------------------------------------------------------------------------------------
 
+def _bars(axis, results: dict, names: list[str], categories: list[str], key: str) -> None:
+    """Grouped bars of ``results[name][key]`` per category (the last one, "all", the overall)."""
+    width = 0.8 / max(len(names), 1)
+    for i, name in enumerate(names):
+        r = results[name]
+        values = [r["categories"][c][key] or 0.0 for c in categories[:-1]] + [r[key] or 0.0]
+        axis.bar([x + i * width for x in range(len(categories))], values, width, label=name)
+    axis.axhline(1.0, color="black", linewidth=0.8)
+    axis.set_xticks([x + width * (len(names) - 1) / 2 for x in range(len(categories))])
+    axis.set_xticklabels(categories, rotation=30, ha="right")
+    if names:
+        axis.legend(fontsize="small", framealpha=0.9)
+
+
 def plot(doc: dict, path: str) -> str | None:
-    """Write a PNG (speedup per category and method; acceptance per draft position).
+    """Write a PNG: decode speedup and tau per category and method, acceptance per draft position.
 
     Returns None on success, or a note saying why no plot was written (matplotlib missing).
     """
@@ -245,19 +259,14 @@ def plot(doc: dict, path: str) -> str | None:
     results = doc["results"]
     categories = [*doc["prompts"]["categories"], "all"]
     compared = [name for name, r in results.items() if name != BASELINE and r["speedup"] is not None]
-    figure, (left, right) = pyplot.subplots(1, 2, figsize=(13, 4.8))
-    width = 0.8 / max(len(compared), 1)
-    for i, name in enumerate(compared):
-        r = results[name]
-        values = [r["categories"][c]["speedup"] or 0.0 for c in categories[:-1]] + [r["speedup"]]
-        left.bar([x + i * width for x in range(len(categories))], values, width, label=name)
-    left.axhline(1.0, color="black", linewidth=0.8)
-    left.set_xticks([x + width * (len(compared) - 1) / 2 for x in range(len(categories))])
-    left.set_xticklabels(categories, rotation=30, ha="right")
+    drafting = [name for name, r in results.items() if r["draft_n"]]
+    figure, (left, middle, right) = pyplot.subplots(1, 3, figsize=(18, 4.8))
+    _bars(left, results, compared, categories, "speedup")
     left.set_ylabel("decode speedup vs plain")
     left.set_title("speedup per category")
-    if compared:
-        left.legend(fontsize="small", framealpha=0.9)
+    _bars(middle, results, drafting, categories, "tau")
+    middle.set_ylabel("tau: tokens per target pass")
+    middle.set_title("mean acceptance length per category")
     for name, r in results.items():
         rates = r["acceptance_per_position"]
         if rates:

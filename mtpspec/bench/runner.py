@@ -5,7 +5,9 @@ builds, allocator growth, lazy tables) stay out of the numbers. Then prompts go 
 ``batch_size``: batch 1 by every method, batch 2 by every method, and so on, with the method
 order rotated per batch, so a slow spell of a noisy machine hits all methods alike and the ratios
 between them stay fair. The runner takes already-built methods (see ``methods``), so tests need no
-real model; it records raw runs and leaves every ratio and summary to ``report``.
+real model; it records raw runs and leaves every ratio and summary to ``report``. On a terminal
+(unless ``quiet``) progress bars show the warm-up and the runs, one step per method and prompt,
+with the rate, the ETA and the method and prompt running.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
+from mtpspec import progress
 from mtpspec.bench.methods import Method, Run
 from mtpspec.bench.prompts import BenchPrompt
 from mtpspec.engine import GenerateOptions
@@ -61,7 +64,8 @@ def peak_rss_bytes() -> int:
 
 
 def run_bench(methods: list[Method], prompts: list[BenchPrompt], prompt_ids: list[list[int]],
-              config: BenchConfig, log: Callable[[str], None] | None = None) -> BenchRun:
+              config: BenchConfig, log: Callable[[str], None] | None = None,
+              quiet: bool = False) -> BenchRun:
     """Warm every method up, then run all prompts by all methods, interleaved per batch."""
     if not methods:
         raise ValueError("no methods to run")
@@ -76,20 +80,27 @@ def run_bench(methods: list[Method], prompts: list[BenchPrompt], prompt_ids: lis
     start = time.perf_counter()
     if config.warmup:
         warm = replace(options, max_new_tokens=min(WARMUP_TOKENS, options.max_new_tokens))
-        for record in records:
-            before = peak_rss_bytes()
-            record.method.run([prompt_ids[0]], warm)
-            record.rss_growth_bytes = peak_rss_bytes() - before
+        with progress.bar(len(records), "bench: warm-up", "method", quiet) as warming:
+            for record in records:
+                warming.set_postfix_str(record.method.name, refresh=False)
+                before = peak_rss_bytes()
+                record.method.run([prompt_ids[0]], warm)
+                record.rss_growth_bytes = peak_rss_bytes() - before
+                warming.update(1)
         log(f"warmed up {len(methods)} methods in {time.perf_counter() - start:.1f} s")
     batches = [list(range(i, min(i + config.batch_size, len(prompts))))
                for i in range(0, len(prompts), config.batch_size)]
-    for number, batch in enumerate(batches):
-        rotation = number % len(records)
-        for record in records[rotation:] + records[:rotation]:
-            runs = record.method.run([prompt_ids[i] for i in batch], options)
-            for index, run in zip(batch, runs):
-                record.runs[index] = run
-        first = prompts[batch[0]]
-        log(f"batch {number + 1}/{len(batches)} done (prompt {first.id}, {first.category})")
+    with progress.bar(len(records) * len(prompts), "bench", "run", quiet, leave=True) as runs_bar:
+        for number, batch in enumerate(batches):
+            rotation = number % len(records)
+            first = prompts[batch[0]]
+            for record in records[rotation:] + records[:rotation]:
+                runs_bar.set_postfix_str(f"{record.method.name} on {first.id} ({first.category})",
+                                         refresh=False)
+                runs = record.method.run([prompt_ids[i] for i in batch], options)
+                for index, run in zip(batch, runs):
+                    record.runs[index] = run
+                runs_bar.update(len(batch))
+            log(f"batch {number + 1}/{len(batches)} done (prompt {first.id}, {first.category})")
     return BenchRun(prompts=prompts, config=config, methods=records,
                     peak_rss_bytes=peak_rss_bytes(), wall_s=time.perf_counter() - start)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -56,15 +57,21 @@ class LinearSource:
     """Where a model's linear layers come from: packed now from float weights, or taken as they
     were stored (``models.store``: packed tensors read back from a cache file, no repacking)."""
 
-    def __init__(self, fmt: str, prebuilt: dict[str, nn.Module] | None = None):
+    def __init__(self, fmt: str, prebuilt: dict[str, nn.Module] | None = None,
+                 on_built: Callable[[int], None] | None = None):
         self.fmt = fmt
         self.prebuilt = prebuilt or {}
+        self.on_built = on_built  # told the weights of each layer built here (a progress bar)
 
     def get(self, name: str, weight) -> nn.Module:
         """The layer called ``name``; ``weight()`` gives its float weight [out, in] if it must be built."""
         if name in self.prebuilt:
             return self.prebuilt[name]
-        return make_linear(weight(), self.fmt)
+        full = weight()  # [out, in]
+        layer = make_linear(full, self.fmt)
+        if self.on_built is not None:
+            self.on_built(full.numel())
+        return layer
 
 
 def layer_norm_names(config: ModelConfig) -> dict[str, str]:
@@ -192,13 +199,15 @@ class DecoderModel(nn.Module):
     """
 
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], fmt: str = "fp32",
-                 prebuilt: dict[str, nn.Module] | None = None):
+                 prebuilt: dict[str, nn.Module] | None = None,
+                 on_built: Callable[[int], None] | None = None):
         """weights: Hugging Face names -> float tensors (``loading``); prebuilt: linear layers
-        already packed, by module name (``models.store``), whose float weights may be absent."""
+        already packed, by module name (``models.store``), whose float weights may be absent;
+        on_built: told the weight count of each linear layer packed here (a progress bar)."""
         super().__init__()
         self.config = config
         self.weight_format = fmt
-        linears = LinearSource(fmt, prebuilt)
+        linears = LinearSource(fmt, prebuilt, on_built)
         self.embed = linears.get("embed", lambda: weights["model.embed_tokens.weight"])
         self.output = (self.embed if config.tie_word_embeddings
                        else linears.get("output", lambda: weights["lm_head.weight"]))
