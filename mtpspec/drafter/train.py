@@ -14,12 +14,21 @@ with it; its normed draft state is what is scored, its post-projected state what
 
 The target never changes: its weights get no gradient and the trainer checks a hash of them
 before saving each checkpoint.
+
+Resumable: ``train_state.pt`` (written atomically at each checkpoint) holds the head, the
+optimizer, the step (which fixes the data position and a step-based learning-rate schedule) and the
+RNG states, so a run killed at any point and started again ends with the same head as one that
+never stopped; with ``max_seconds`` the schedule follows wall time and resuming is not exact.
+Data parallel (``distributed.World``): each rank trains on its slice of every global batch and the
+gradients are summed over ranks, which makes N ranks take the single-process step.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import math
+import os
+import random
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -28,7 +37,9 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+from mtpspec.drafter import distributed
 from mtpspec.drafter.checkpoint import save_drafter
+from mtpspec.drafter.distributed import World
 from mtpspec.drafter.head import MTPHead
 from mtpspec.models.base import TargetModel
 
@@ -221,9 +232,18 @@ def evaluate(head: MTPHead, target: TargetModel, sequences: list[list[int]], max
 
 def train(head: MTPHead, target: TargetModel, sequences: list[list[int]], config: TrainConfig,
           out: Path, eval_sequences: list[list[int]] | None = None, log=print,
-          extra_meta: dict | None = None, state_dir: Path | None = None) -> dict:
-    """Train ``head`` on ``sequences`` (token ids), saving checkpoints in ``out``; resumable."""
+          extra_meta: dict | None = None, state_dir: Path | None = None,
+          world: World = World(), monitor=None) -> dict:
+    """Train ``head`` on ``sequences`` (token ids, or ``TargetStates``; any sequence type that
+    indexes), saving checkpoints in ``out``; resumable. With several ranks (``world``) each takes
+    its slice of every global batch of ``config.batch_size``; only rank 0 evaluates and writes.
+    ``monitor`` (``drafter.monitor.Monitor``) gets each step's and evaluation's numbers."""
     device = torch.device(config.device)
+    if config.batch_size % world.size:
+        raise ValueError(f"--batch-size {config.batch_size} must be a multiple of the "
+                         f"{world.size} ranks")
+    if not world.is_main:
+        log = _silent
     torch.manual_seed(config.seed)
     head.to(device).train()
     for parameter in target.parameters():
@@ -238,6 +258,8 @@ def train(head: MTPHead, target: TargetModel, sequences: list[list[int]], config
         head.load_state_dict(saved["head"])
         optimizer.load_state_dict(saved["optimizer"])
         step, history = saved["step"], saved["history"]
+        if "rng" in saved:  # older states have none (the loop draws no random numbers today)
+            _set_rng(saved["rng"])
         log(f"resumed from step {step}")
     order = torch.Generator().manual_seed(config.seed)
     perm = torch.randperm(len(sequences), generator=order).tolist()
@@ -249,16 +271,22 @@ def train(head: MTPHead, target: TargetModel, sequences: list[list[int]], config
     frozen = None if own_head else target.embed.dequantized()  # [V, d] the frozen tied head
     if config.autocast_bf16 and frozen is not None:
         frozen = frozen.to(torch.bfloat16)
+    if monitor is not None:
+        monitor.start_training(step, config.steps)
     while step < config.steps:
-        if config.max_seconds is not None and time.time() - started > config.max_seconds:
+        # ranks must agree on the time: it ends the run and, with max_seconds, sets the schedule
+        elapsed = distributed.from_main(time.time() - started, world, device)
+        if config.max_seconds is not None and elapsed > config.max_seconds:
             config = replace(config, steps=step)  # out of time: save this step as the last
-            if step % config.save_every:
+            if step % config.save_every and world.is_main:
                 _save(head, optimizer, target, fingerprint, config, history, out, step,
                       extra_meta, state_path)
             break
-        batch = [sequences[perm[(cursor + j) % len(perm)]] for j in range(config.batch_size)]
+        # the global batch; this rank reads its slice, padded to the global batch's length
+        picks = [perm[(cursor + j) % len(perm)] for j in range(config.batch_size)]
         cursor = (cursor + config.batch_size) % len(perm)
-        length = min(config.seq_len, max(len(s) for s in batch))
+        length = min(config.seq_len, max(_length(sequences, i) for i in picks))
+        batch = [sequences[i] for i in distributed.rank_slice(picks, world)]
         if stored:  # the target's states were kept when it wrote the responses
             ids, valid, hidden, cache, probs, tops, known = stored_pass(
                 batch, length, head.cfg.target_layers, device)
@@ -268,7 +296,7 @@ def train(head: MTPHead, target: TargetModel, sequences: list[list[int]], config
             known = valid
         progress = step / max(1, config.steps)
         if config.max_seconds:
-            progress = max(progress, (time.time() - started) / config.max_seconds)
+            progress = max(progress, elapsed / config.max_seconds)
         lr = config.lr * min(1.0, (step + 1) / config.warmup) * 0.5 * (
             1 + math.cos(math.pi * min(1.0, progress)))
         for group in optimizer.param_groups:
@@ -300,31 +328,68 @@ def train(head: MTPHead, target: TargetModel, sequences: list[list[int]], config
                                             state[:, :64].float()).argmax(-1)
                         sub = ok[:, :64]
                         agree.append(float(((pick == 0) & sub).sum()) / max(1, int(sub.sum())))
-        loss = loss / max(1, count)
+        # the loss over the global batch's scored positions: summed gradients are its gradient
+        loss = loss / max(1, distributed.sum_over_ranks(count, world, device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        distributed.sum_gradients(head, world)
         torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
         optimizer.step()
         step += 1
-        value = float(loss.detach())
+        value = distributed.sum_over_ranks(float(loss.detach()), world, device)
+        agreement = distributed.sum_over_ranks(agree[0], world, device) / world.size
+        tokens = distributed.sum_over_ranks(int(valid.sum()), world, device)  # in the global batch
         running = value if running is None else 0.95 * running + 0.05 * value
-        accept = agree[0] if running_acc is None else 0.95 * running_acc + 0.05 * agree[0]
+        accept = agreement if running_acc is None else 0.95 * running_acc + 0.05 * agreement
         running_acc = accept
+        if monitor is not None:  # collectives stay outside: ranks may differ in monitors
+            monitor.training_step(step, value, accept, lr, tokens)
         if step % 10 == 0 or step == config.steps:
             rate = step / max(1e-9, time.time() - started)
             log(f"step {step}/{config.steps} loss {running:.4f} accept@1~{accept:.3f} "
                 f"lr {lr:.2e} {rate:.2f} it/s")
         if eval_sequences and (step % config.eval_every == 0 or step == config.steps):
-            head.eval()
-            result = evaluate(head, target, eval_sequences, device=device)
-            head.train()
-            history.append({"step": step, "loss": running, **result})
-            log(f"eval step {step}: tau@k {json.dumps({k: round(v, 3) for k, v in result['tau'].items()})}"
-                f" per-position {[round(x, 3) for x in result['acceptance_per_position']]}")
-        if step % config.save_every == 0 or step == config.steps:
+            if world.is_main:
+                head.eval()
+                result = evaluate(head, target, eval_sequences, device=device)
+                head.train()
+                history.append({"step": step, "loss": running, **result})
+                log(f"eval step {step}: tau@k {json.dumps({k: round(v, 3) for k, v in result['tau'].items()})}"
+                    f" per-position {[round(x, 3) for x in result['acceptance_per_position']]}")
+                if monitor is not None:
+                    monitor.evaluation(step, result)
+            distributed.barrier(world)
+        if (step % config.save_every == 0 or step == config.steps) and world.is_main:
             _save(head, optimizer, target, fingerprint, config, history, out, step, extra_meta,
                   state_path)
+    if monitor is not None:
+        monitor.end_training()
     return {"steps": step, "history": history, "seconds": time.time() - started}
+
+
+def _silent(*_args) -> None:
+    pass
+
+
+def _length(sequences, index: int) -> int:
+    """Length of one training sequence without reading more than needed (``lengths``: a stored
+    dataset's length column)."""
+    lengths = getattr(sequences, "lengths", None)
+    return int(lengths[index]) if lengths is not None else len(sequences[index])
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 def _save(head, optimizer, target, fingerprint, config, history, out, step, extra_meta,
@@ -332,5 +397,8 @@ def _save(head, optimizer, target, fingerprint, config, history, out, step, extr
     if target_fingerprint(target) != fingerprint:
         raise RuntimeError("the target's weights changed during training")
     save_drafter(head, out, {"train": asdict(config), "history": history, **(extra_meta or {})})
+    # written whole or not at all: a run killed mid-write resumes from the previous state
+    partial = state_path.with_name(state_path.name + ".partial")
     torch.save({"head": head.state_dict(), "optimizer": optimizer.state_dict(),
-                "step": step, "history": history}, state_path)
+                "step": step, "history": history, "rng": _rng_state()}, partial)
+    os.replace(partial, state_path)
