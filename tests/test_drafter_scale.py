@@ -217,6 +217,18 @@ def _recording(calls: list):
     return generate_chunk
 
 
+def test_recorded_states_are_stored_and_trained_from(model, prompt_ids, tmp_path):
+    """``--gen-weights``: the packed target's states go into the data set as rows of fp16 bytes
+    and training reads them back from it."""
+    out = tmp_path / "out"
+    result = run_recipe(model, prompt_ids, out, "--gen-weights", "fp32", "--steps", "2")
+    stored = dataset_module.ResponseStore(out).train()
+    assert stored.states and len(stored) > 4 and result["steps"] == 2
+    first = stored[0]
+    assert isinstance(first, TargetStates) and first.hidden.dtype == torch.float16
+    assert first.hidden.shape == (len(first.ids), 64) and first.keys.shape[2] == len(first.ids)
+
+
 def test_a_checkpoint_is_replaced_whole(tmp_path, monkeypatch):
     """A kill while ``train_state.pt`` is written leaves the previous one readable."""
     from mtpspec.drafter.head import DrafterConfig, MTPHead
