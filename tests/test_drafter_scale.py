@@ -207,6 +207,29 @@ def test_a_killed_run_resumes_to_the_uninterrupted_drafter(model, prompt_ids, st
         json.loads((straight / "eval.json").read_text())
 
 
+def test_an_unfinished_generation_resumes_only_with_its_settings(model, prompt_ids, tmp_path,
+                                                                 monkeypatch):
+    out = tmp_path / "out"
+    monkeypatch.setattr(dataset_module, "generate_chunk", _dies_at(1))
+    with pytest.raises(Killed):
+        run_recipe(model, prompt_ids, out)
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="unfinished generation with other settings "
+                                         r"\(batch, max_new_tokens\)"):
+        run_recipe(model, prompt_ids, out, "--gen-batch", "4", "--max-new-tokens", "9")
+
+
+def _dies_at(batch: int):
+    inner = dataset_module.generate_chunk
+
+    def generate_chunk(target, chunk, n, settings):
+        if n == batch:
+            raise Killed
+        return inner(target, chunk, n, settings)
+
+    return generate_chunk
+
+
 def _recording(calls: list):
     inner = dataset_module.generate_chunk
 

@@ -21,6 +21,7 @@ import argparse
 import gzip
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -212,8 +213,9 @@ def _run(args: argparse.Namespace, world: distributed.World, device: torch.devic
             sampled_fraction=args.sampled_fraction, seed=args.seed,
             max_seconds=args.max_gen_seconds,
             layers=head.cfg.target_layers if states else None, top_k=TrainConfig.top_k)
-        if world.is_main:
-            store.write_meta(target_hash=target_hash, complete=False)
+        store.start(target_hash, {"prompts": len(prompts), "eval_prompts": args.eval_prompts,
+                                  **asdict(settings)}, write=world.is_main)
+        distributed.barrier(world)
         generate_store(store, target, prompts[args.eval_prompts:], prompts[:args.eval_prompts],
                        settings, world, monitor, log)
     sequences, held_out = store.train(), store.eval()
