@@ -77,7 +77,7 @@ def straight(model, prompt_ids, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("straight") / "out"
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MTPSPEC_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-        run_recipe(model, prompt_ids, out)
+        run_recipe(model, prompt_ids, out, "--tensorboard", str(out / "tb"))
     return out
 
 
@@ -327,6 +327,26 @@ def test_an_old_data_pt_is_converted_and_read_back(tmp_path):
 
 
 # --- progress and logs -----------------------------------------------------------------------------
+
+def scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)]
+            for tag in events.Tags()["scalars"]}
+
+
+def test_the_recipe_writes_tensorboard_scalars(straight):
+    """``--tensorboard``: the loss every step, held-out acceptance at every evaluation."""
+    pytest.importorskip("tensorboard")
+    found = scalars(straight / "tb")
+    assert [step for step, _ in found["train/loss"]] == [1, 2, 3, 4]
+    history = torch.load(straight / "train_state.pt", weights_only=False)["history"]
+    assert [step for step, _ in found["eval/tau_at_6"]] == [2, 4]
+    assert [value for _, value in found["eval/accept_pos_1"]] == pytest.approx(
+        [entry["acceptance_per_position"][0] for entry in history])
+
 
 def test_tensorboard_scalars(tmp_path):
     pytest.importorskip("tensorboard")
