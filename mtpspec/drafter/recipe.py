@@ -213,8 +213,9 @@ def _run(args: argparse.Namespace, world: distributed.World, device: torch.devic
             sampled_fraction=args.sampled_fraction, seed=args.seed,
             max_seconds=args.max_gen_seconds,
             layers=head.cfg.target_layers if states else None, top_k=TrainConfig.top_k)
-        store.start(target_hash, {"prompts": len(prompts), "eval_prompts": args.eval_prompts,
-                                  **asdict(settings)}, write=world.is_main)
+        plan = {"prompts": len(prompts), "eval_prompts": args.eval_prompts, **asdict(settings)}
+        plan.pop("max_seconds")  # a new time budget may finish an unfinished store
+        store.start(target_hash, plan, write=world.is_main)
         distributed.barrier(world)
         generate_store(store, target, prompts[args.eval_prompts:], prompts[:args.eval_prompts],
                        settings, world, monitor, log)
