@@ -245,9 +245,9 @@ def generate_store(store: ResponseStore, target, prompts: list[list[int]], eval_
             log(f"generation time budget reached; {todo.index(n)} of {len(todo)} batches written")
             break
         chunk = [prompts[i] for i in order[starts[n]:starts[n] + settings.batch]]
-        sequences = generate_chunk(target, chunk, n, settings)
+        sequences, new_tokens = generate_chunk(target, chunk, n, settings)
         _write(sequences, store.chunk(n))
-        monitor.generated(len(chunk), sum(len(s) for s in sequences) - sum(map(len, chunk)))
+        monitor.generated(len(chunk), new_tokens)
         log(f"generated batch {n + 1}/{len(starts)} ({len(chunk)} prompts, {len(sequences)} "
             f"kept), {time.time() - started:.0f}s")
     monitor.end_generation()
@@ -270,16 +270,20 @@ class GenerationSettings:
     top_k: int = 32                        # recorded next-token distribution size
 
 
-def generate_chunk(target, chunk: list[list[int]], n: int, settings: GenerationSettings) -> list:
+def generate_chunk(target, chunk: list[list[int]], n: int,
+                   settings: GenerationSettings) -> tuple[list, int]:
     """Generation batch ``n``: greedy or (``sampled_fraction`` of batches) sampled responses to
     ``chunk``, with a generator seeded by (seed, n); token lists, or with ``settings.layers`` the
-    ``TargetStates`` recorded while the target wrote them. Responses under MIN_RESPONSE dropped."""
+    ``TargetStates`` recorded while the target wrote them. Responses under MIN_RESPONSE dropped.
+    Returns (the sequences kept, the number of tokens the target wrote)."""
     sampled = random.Random(settings.seed + n).random() < settings.sampled_fraction
     params = SAMPLED if sampled else SamplingParams()
     generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + n)
     if settings.layers is None:
         responses = generate_batch(target, chunk, settings.max_new_tokens, params, generator)
-        return [p + r for p, r in zip(chunk, responses) if len(r) > MIN_RESPONSE]
+        return ([p + r for p, r in zip(chunk, responses) if len(r) > MIN_RESPONSE],
+                sum(map(len, responses)))
     states = generate_states(target, chunk, settings.max_new_tokens, params, generator,
                              settings.layers, settings.top_k)
-    return [st for st, p in zip(states, chunk) if len(st) - len(p) > MIN_RESPONSE]
+    written = [len(st) - len(p) for st, p in zip(states, chunk)]
+    return [st for st, w in zip(states, written) if w > MIN_RESPONSE], sum(written)
