@@ -254,7 +254,7 @@ def train(head: MTPHead, target: TargetModel, sequences: list[list[int]], config
     state_path = (state_dir or out) / "train_state.pt"
     step, history = 0, []
     if state_path.exists():
-        saved = torch.load(state_path, map_location=device, weights_only=False)
+        saved = torch.load(state_path, map_location=device, weights_only=True)  # nothing unpickled
         head.load_state_dict(saved["head"])
         optimizer.load_state_dict(saved["optimizer"])
         step, history = saved["step"], saved["history"]
