@@ -326,6 +326,15 @@ def test_an_old_data_pt_is_converted_and_read_back(tmp_path):
         store.check_target("b" * 64)
 
 
+def test_a_batch_that_kept_nothing_counts_as_written(tmp_path):
+    store = dataset_module.ResponseStore(tmp_path)
+    for n, sequences in enumerate([[], [[2, 3, 4]], [], [[2, 5]]]):
+        dataset_module._write(sequences, store.chunk(n))
+    assert all(store.chunk(n).exists() for n in range(4))  # not generated again on resume
+    back = store.train()
+    assert back.token_lists() == [[2, 3, 4], [2, 5]] and back[1] == [2, 5]
+
+
 # --- progress and logs -----------------------------------------------------------------------------
 
 def scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:

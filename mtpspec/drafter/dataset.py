@@ -36,6 +36,7 @@ from mtpspec.sampling import SamplingParams
 FOLDER = "dataset"       # under the work folder
 FORMAT = "mtpspec-data-1"
 MIN_RESPONSE = 8         # shorter responses teach little: not kept (as before)
+EMPTY = "EMPTY"          # marks a chunk folder whose batch kept no sequence
 SAMPLED = SamplingParams(temperature=0.8, top_p=0.95)
 # TargetStates fields stored as bytes: name -> dtype
 _TENSORS = {"hidden": torch.float16, "keys": torch.float16, "values": torch.float16,
@@ -146,13 +147,18 @@ def _write(sequences: list, folder: Path) -> None:
     folder.parent.mkdir(parents=True, exist_ok=True)
     if partial.exists():
         shutil.rmtree(partial)  # left by a killed run
-    datasets.Dataset.from_dict(_rows(sequences)).save_to_disk(str(partial))
+    if sequences:
+        datasets.Dataset.from_dict(_rows(sequences)).save_to_disk(str(partial))
+    else:  # every response was dropped: done, nothing to read (datasets reads no empty folder)
+        partial.mkdir()
+        (partial / EMPTY).touch()
     os.replace(partial, folder)
 
 
 def _read(folders: list[Path]) -> StoredSequences:
     datasets = _datasets()
-    tables = [datasets.load_from_disk(str(folder)) for folder in folders]
+    tables = [datasets.load_from_disk(str(folder)) for folder in folders
+              if not (folder / EMPTY).exists()]
     if not tables:
         return StoredSequences(datasets.Dataset.from_dict({"ids": [], "length": []}))
     return StoredSequences(tables[0] if len(tables) == 1 else datasets.concatenate_datasets(tables))
