@@ -1,7 +1,7 @@
 """Recipe comparisons for the drafter: learning curves of variants trained at equal budget.
 
-Every variant trains on the same generated data (``--data``: the target's responses and recorded
-states, written once by ``mtpspec train ... --steps 0 --data FILE``) for the same number of steps of
+Every variant trains on the same generated data (``--data DIR``: the target's responses and
+recorded states in ``DIR/dataset``, written once by ``mtpspec train ... --steps 0 --data DIR``) for the same number of steps of
 the same batch shape, and is evaluated every ``--eval-every`` steps on the same held-out sequences
 (the data file's ``eval`` split: greedy responses to prompts the recipe never trains on). The
 harness runs the variants as ``mtpspec train`` processes (``--parallel`` at once, each with
@@ -13,7 +13,7 @@ Output in ``--out``: one folder per variant (a drafter checkpoint, its ``train_l
 tau at k = 4 against training tokens) and ``recipe.md`` (the table at the last common evaluation).
 
 Usage:
-  python bench/recipe.py --model smollm2 --data /work/exp/smol-mix.pt --out recipe-smol \\
+  python bench/recipe.py --model smollm2 --data /work/exp/smol-data --out recipe-smol \\
       --steps 600 --eval-every 100 --variants base hard unroll2 wide1 --parallel 4 --threads 1
 """
 from __future__ import annotations
@@ -134,7 +134,8 @@ def _plot(runs: dict[str, list[dict]], path: Path) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None)
-    parser.add_argument("--data", type=Path, required=True, help="shared generated data file")
+    parser.add_argument("--data", type=Path, required=True,
+                        help="folder of the shared generated data (DIR/dataset)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--variants", nargs="+", default=["base", "hard", "unroll2", "wide1"],
                         choices=sorted(VARIANTS))
@@ -148,9 +149,9 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     args.base = dict(BASE)
     if not args.report:
-        if not args.data.exists():
-            parser.error(f"{args.data} not found: generate it first "
-                         "(mtpspec train ... --steps 0 --data FILE)")
+        if not (args.data / "dataset").exists() and not (args.data / "data.pt").exists():
+            parser.error(f"{args.data} holds no generated data: generate it first "
+                         "(mtpspec train ... --steps 0 --data DIR)")
         run_variants(args)
     print(report(args.out, args.variants))
 

@@ -152,14 +152,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from mtpspec.drafter import distributed
     from mtpspec.drafter.checkpoint import DrafterMismatchError
     from mtpspec.drafter.recipe import run
 
     for source in args.prompts:
-        if source not in ("sharegpt", "mix") and not Path(source).is_file():
-            raise UsageError(f"prompt file not found: {source}")
+        if source not in ("sharegpt", "mix") and not Path(source).exists():
+            raise UsageError(f"prompt file or dataset folder not found: {source}")
     if args.prompt_ids is not None and not args.prompt_ids.is_file():
         raise UsageError(f"prompt-ids file not found: {args.prompt_ids}")
+    if args.nproc > 1 and not distributed.launched():  # the same command as N torchrun ranks
+        after = args.argv[args.argv.index("train") + 1:]
+        return distributed.relaunch(distributed.without_option(after, "--nproc"), args.nproc)
     try:
         run(args, log=lambda line: print(line, file=sys.stderr, flush=True))
     except DrafterMismatchError as err:  # e.g. --layout gemma4-assistant on another target
@@ -171,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``mtpspec`` console script."""
     try:
         args = build_parser().parse_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)  # train --nproc reruns them
         return args.handler(args)
     except USER_ERRORS as err:
         message = " ".join(str(err).split()) or type(err).__name__

@@ -15,8 +15,9 @@ from mtpspec.engine import Engine, GenerateOptions
 from mtpspec.proposers.mtp import Calibration, MTPProposer, _monotone
 from mtpspec.sampling import SamplingParams
 
-from test_drafter import (assert_same_weights, dense, drafter_config, fresh_head,  # noqa: F401
-                          plain_greedy, quiet, sequences, small_run, target, trained_head)
+from test_drafter import (assert_same_weights, drafter_config, fresh_head, quiet,  # noqa: F401
+                          small_run)
+from test_drafter import dense, plain_greedy, sequences, target, trained_head  # noqa: F401,F811
 
 
 def conversations(n: int = 60) -> list[list[tuple[str, str]]]:

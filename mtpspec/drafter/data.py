@@ -80,12 +80,16 @@ def read_sharegpt(limit: int | None = None) -> list[str]:
 
 
 def build_prompts(tokenizer, sources: list[str], limit: int, max_prompt_tokens: int,
-                  seed: int = 0) -> list[list[int]]:
-    """Tokenized prompts from ``sources`` (file paths, or ``sharegpt``), shuffled: chat-formatted
-    through the tokenizer's template when it has one, else completion prompts."""
+                  seed: int = 0, column: str | None = None) -> list[list[int]]:
+    """Tokenized prompts from ``sources`` (JSONL/JSON/Parquet files, dataset folders, or
+    ``sharegpt``; ``column``: the text or messages column, see ``dataset.read_prompts``),
+    shuffled: chat-formatted through the tokenizer's template when it has one, else completion
+    prompts."""
+    from mtpspec.drafter.dataset import read_prompts
+
     texts: list[str] = []
     for source in sources:
-        texts += read_sharegpt() if source == "sharegpt" else read_prompt_file(Path(source))
+        texts += read_sharegpt() if source == "sharegpt" else read_prompts(source, column)
     random.Random(seed).shuffle(texts)
     prompts = []
     for text in texts:

@@ -14,12 +14,21 @@ with it; its normed draft state is what is scored, its post-projected state what
 
 The target never changes: its weights get no gradient and the trainer checks a hash of them
 before saving each checkpoint.
+
+Resumable: ``train_state.pt`` (written atomically at each checkpoint) holds the head, the
+optimizer, the step (which fixes the data position and a step-based learning-rate schedule) and the
+RNG states, so a run killed at any point and started again ends with the same head as one that
+never stopped; with ``max_seconds`` the schedule follows wall time and resuming is not exact.
+Data parallel (``distributed.World``): each rank trains on its slice of every global batch and the
+gradients are summed over ranks, which makes N ranks take the single-process step.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import math
+import os
+import random
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -28,7 +37,9 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+from mtpspec.drafter import distributed
 from mtpspec.drafter.checkpoint import save_drafter
+from mtpspec.drafter.distributed import World
 from mtpspec.drafter.head import MTPHead
 from mtpspec.models.base import TargetModel
 
@@ -194,6 +205,8 @@ def evaluate(head: MTPHead, target: TargetModel, sequences: list[list[int]], max
 
     logits_of = (OwnHeadLogits(head, head_kind) if head.cfg.lm_head_source == "draft"
                  else DraftHeadLogits(head, target, head_kind))
+    if isinstance(logits_of, DraftHeadLogits) and logits_of.kind == "clustered":
+        logits_of = _DenseClustered(logits_of, target.embed.dequantized().float())
     matched_len, confidence, accepted = [], [], []  # calibration: per draft, while reachable
     for seq in sequences:
         ids, _ = pad_batch([seq], min(len(seq), seq_len), device)
@@ -205,8 +218,8 @@ def evaluate(head: MTPHead, target: TargetModel, sequences: list[list[int]], max
         for i, state in unroll(head, target, ids, hidden, cache, max_k):
             h = state[0]  # [T-1, d]
             draft, top = [], []
-            for start in range(0, h.shape[0], 64):
-                logits, idx = logits_of(h[start:start + 64])
+            for start in range(0, h.shape[0], 256):
+                logits, idx = logits_of(h[start:start + 256])
                 best = logits.argmax(-1)
                 draft.append(best if idx is None else idx.gather(1, best[:, None]).squeeze(1))
                 top.append(logits.float().softmax(-1).amax(-1))  # the proposer's confidence
@@ -228,6 +241,23 @@ def evaluate(head: MTPHead, target: TargetModel, sequences: list[list[int]], max
                for i in range(max_k)]
     return {"tau": tau, "acceptance_per_position": per_pos, "positions": len(runs),
             "calibration": calibration(torch.cat(confidence, 1), torch.cat(accepted))}
+
+
+class _DenseClustered:
+    """``DraftHeadLogits``' clustered head for many rows at once: one product of the states with
+    the dense embedding, then the candidates' logits gathered from it (the same candidates, the
+    same logits up to float summation order). Gathering every row's candidate embeddings instead
+    moves rows x candidates x d floats (SmolLM2: 0.45 GB per 64 rows), which made the held-out
+    evaluation cost more than training on a CPU."""
+
+    def __init__(self, inner, embedding: torch.Tensor):
+        self.inner, self.embedding = inner, embedding  # embedding [V, d]
+
+    def __call__(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """h [N, d] -> (logits [N, m*S], token ids [N, m*S])."""
+        chosen = (h @ self.inner.centroids.T).topk(self.inner.top, dim=-1).indices  # [N, m]
+        ids = self.inner.clusters[chosen].flatten(1)  # [N, m*S]
+        return (h @ self.embedding.T).gather(1, ids), ids
 
 
 CALIBRATION_BINS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0001)
@@ -255,9 +285,18 @@ def calibration(confidence: torch.Tensor, accepted: torch.Tensor) -> dict:
 
 def train(head: MTPHead, target: TargetModel, sequences: list[list[int]], config: TrainConfig,
           out: Path, eval_sequences: list[list[int]] | None = None, log=print,
-          extra_meta: dict | None = None, state_dir: Path | None = None) -> dict:
-    """Train ``head`` on ``sequences`` (token ids), saving checkpoints in ``out``; resumable."""
+          extra_meta: dict | None = None, state_dir: Path | None = None,
+          world: World = World(), monitor=None) -> dict:
+    """Train ``head`` on ``sequences`` (token ids, or ``TargetStates``; any sequence type that
+    indexes), saving checkpoints in ``out``; resumable. With several ranks (``world``) each takes
+    its slice of every global batch of ``config.batch_size``; only rank 0 evaluates and writes.
+    ``monitor`` (``drafter.monitor.Monitor``) gets each step's and evaluation's numbers."""
     device = torch.device(config.device)
+    if config.batch_size % world.size:
+        raise ValueError(f"--batch-size {config.batch_size} must be a multiple of the "
+                         f"{world.size} ranks")
+    if not world.is_main:
+        log = _silent
     torch.manual_seed(config.seed)
     head.to(device).train()
     for parameter in target.parameters():
@@ -268,10 +307,12 @@ def train(head: MTPHead, target: TargetModel, sequences: list[list[int]], config
     state_path = (state_dir or out) / "train_state.pt"
     step, history, seen = 0, [], 0  # seen: training tokens (target positions with a label)
     if state_path.exists():
-        saved = torch.load(state_path, map_location=device, weights_only=False)
+        saved = torch.load(state_path, map_location=device, weights_only=True)  # nothing unpickled
         head.load_state_dict(saved["head"])
         optimizer.load_state_dict(saved["optimizer"])
         step, history, seen = saved["step"], saved["history"], saved.get("tokens", 0)
+        if "rng" in saved:  # older states have none (the loop draws no random numbers today)
+            _set_rng(saved["rng"])
         log(f"resumed from step {step}")
     order = torch.Generator().manual_seed(config.seed)
     perm = torch.randperm(len(sequences), generator=order).tolist()
@@ -283,16 +324,22 @@ def train(head: MTPHead, target: TargetModel, sequences: list[list[int]], config
     frozen = None if own_head else target.embed.dequantized()  # [V, d] the frozen tied head
     if config.autocast_bf16 and frozen is not None:
         frozen = frozen.to(torch.bfloat16)
+    if monitor is not None:
+        monitor.start_training(step, config.steps)
     while step < config.steps:
-        if config.max_seconds is not None and time.time() - started > config.max_seconds:
+        # ranks must agree on the time: it ends the run and, with max_seconds, sets the schedule
+        elapsed = distributed.from_main(time.time() - started, world, device)
+        if config.max_seconds is not None and elapsed > config.max_seconds:
             config = replace(config, steps=step)  # out of time: save this step as the last
-            if step % config.save_every:
+            if step % config.save_every and world.is_main:
                 _save(head, optimizer, target, fingerprint, config, history, out, step,
                       extra_meta, state_path, seen)
             break
-        batch = [sequences[perm[(cursor + j) % len(perm)]] for j in range(config.batch_size)]
+        # the global batch; this rank reads its slice, padded to the global batch's length
+        picks = [perm[(cursor + j) % len(perm)] for j in range(config.batch_size)]
         cursor = (cursor + config.batch_size) % len(perm)
-        length = min(config.seq_len, max(len(s) for s in batch))
+        length = min(config.seq_len, max(_length(sequences, i) for i in picks))
+        batch = [sequences[i] for i in distributed.rank_slice(picks, world)]
         if stored:  # the target's states were kept when it wrote the responses
             ids, valid, hidden, cache, probs, tops, known = stored_pass(
                 batch, length, head.cfg.target_layers, device)
@@ -305,7 +352,7 @@ def train(head: MTPHead, target: TargetModel, sequences: list[list[int]], config
             probs[..., 0] = 1.0
         progress = step / max(1, config.steps)
         if config.max_seconds:
-            progress = max(progress, (time.time() - started) / config.max_seconds)
+            progress = max(progress, elapsed / config.max_seconds)
         lr = config.lr * min(1.0, (step + 1) / config.warmup) * 0.5 * (
             1 + math.cos(math.pi * min(1.0, progress)))
         for group in optimizer.param_groups:
@@ -330,8 +377,8 @@ def train(head: MTPHead, target: TargetModel, sequences: list[list[int]], config
                 loss = loss + soft_ce(state, emb, p, t_emb, w, config.loss_chunk)
                 loss = loss + 0.1 * cluster_ce(state, head, p, t, w)
                 count += int(ok.sum())
-                if i == 0:
-                    seen += int(ok.sum())
+                if i == 0:  # every rank scores its share of the global batch
+                    seen += int(ok.sum()) * world.size
                 if i == 0:  # running acceptance estimate: top-1 agreement among the target's top-k
                     with torch.no_grad():
                         cand = emb[t_emb[:, :64]]  # [B, <=64, k, d]
@@ -339,32 +386,69 @@ def train(head: MTPHead, target: TargetModel, sequences: list[list[int]], config
                                             state[:, :64].float()).argmax(-1)
                         sub = ok[:, :64]
                         agree.append(float(((pick == 0) & sub).sum()) / max(1, int(sub.sum())))
-        loss = loss / max(1, count)
+        # the loss over the global batch's scored positions: summed gradients are its gradient
+        loss = loss / max(1, distributed.sum_over_ranks(count, world, device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        distributed.sum_gradients(head, world)
         torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
         optimizer.step()
         step += 1
-        value = float(loss.detach())
+        value = distributed.sum_over_ranks(float(loss.detach()), world, device)
+        agreement = distributed.sum_over_ranks(agree[0], world, device) / world.size
+        tokens = distributed.sum_over_ranks(int(valid.sum()), world, device)  # in the global batch
         running = value if running is None else 0.95 * running + 0.05 * value
-        accept = agree[0] if running_acc is None else 0.95 * running_acc + 0.05 * agree[0]
+        accept = agreement if running_acc is None else 0.95 * running_acc + 0.05 * agreement
         running_acc = accept
+        if monitor is not None:  # collectives stay outside: ranks may differ in monitors
+            monitor.training_step(step, value, accept, lr, tokens)
         if step % 10 == 0 or step == config.steps:
             rate = step / max(1e-9, time.time() - started)
             log(f"step {step}/{config.steps} loss {running:.4f} accept@1~{accept:.3f} "
                 f"lr {lr:.2e} {rate:.2f} it/s")
         if eval_sequences and (step % config.eval_every == 0 or step == config.steps):
-            head.eval()
-            result = evaluate(head, target, eval_sequences, device=device)
-            head.train()
-            history.append({"step": step, "tokens": seen, "seconds": time.time() - started,
-                            "loss": running, **result})
-            log(f"eval step {step}: tau@k {json.dumps({k: round(v, 3) for k, v in result['tau'].items()})}"
-                f" per-position {[round(x, 3) for x in result['acceptance_per_position']]}")
-        if step % config.save_every == 0 or step == config.steps:
+            if world.is_main:
+                head.eval()
+                result = evaluate(head, target, eval_sequences, device=device)
+                head.train()
+                history.append({"step": step, "tokens": seen, "seconds": time.time() - started,
+                                "loss": running, **result})
+                log(f"eval step {step}: tau@k {json.dumps({k: round(v, 3) for k, v in result['tau'].items()})}"
+                    f" per-position {[round(x, 3) for x in result['acceptance_per_position']]}")
+                if monitor is not None:
+                    monitor.evaluation(step, result)
+            distributed.barrier(world)
+        if (step % config.save_every == 0 or step == config.steps) and world.is_main:
             _save(head, optimizer, target, fingerprint, config, history, out, step, extra_meta,
                   state_path, seen)
+    if monitor is not None:
+        monitor.end_training()
     return {"steps": step, "history": history, "seconds": time.time() - started}
+
+
+def _silent(*_args) -> None:
+    pass
+
+
+def _length(sequences, index: int) -> int:
+    """Length of one training sequence without reading more than needed (``lengths``: a stored
+    dataset's length column)."""
+    lengths = getattr(sequences, "lengths", None)
+    return int(lengths[index]) if lengths is not None else len(sequences[index])
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 def _save(head, optimizer, target, fingerprint, config, history, out, step, extra_meta,
@@ -375,5 +459,8 @@ def _save(head, optimizer, target, fingerprint, config, history, out, step, extr
     if history and history[-1].get("step") == step and "calibration" in history[-1]:
         meta["calibration"] = history[-1]["calibration"]  # for the proposer's calibrated stop
     save_drafter(head, out, meta)
+    # written whole or not at all: a run killed mid-write resumes from the previous state
+    partial = state_path.with_name(state_path.name + ".partial")
     torch.save({"head": head.state_dict(), "optimizer": optimizer.state_dict(),
-                "step": step, "history": history, "tokens": seen}, state_path)
+                "step": step, "history": history, "rng": _rng_state(), "tokens": seen}, partial)
+    os.replace(partial, state_path)
