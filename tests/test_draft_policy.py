@@ -1,0 +1,142 @@
+"""The draft policy: it turns drafting off where acceptance is 0, keeps it on with an always-right
+drafter, re-probes, and never changes what is emitted (greedy tokens, seeded sampled tokens,
+the sampled distribution)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mtpspec.draft_policy import DraftPolicy, PassCosts, PolicyConfig, RowAcceptance, expected_tokens
+from mtpspec.engine import BatchSession, Engine, GenerateOptions
+from mtpspec.proposers.draft_model import DraftModelProposer
+from mtpspec.sampling import SamplingParams
+
+from conftest import tiny_model
+from test_engine import OracleProposer, _assert_sampled_rows_follow_the_target, prompts_for
+
+
+def measured_costs(one_token_ms=10.0, per_position=0.3, widest=8, draft_ms=0.5) -> PassCosts:
+    """Costs as if measured: a pass over M positions costs one_token_ms * (1 + per_position (M-1))."""
+    costs = PassCosts()
+    for sampled in (False, True):
+        for w in range(widest + 1):
+            costs.observe_pass(1, w, sampled, one_token_ms * (1 + per_position * w))
+    costs.observe_draft(1, 1, draft_ms)
+    return costs
+
+
+def simulate(policy: DraftPolicy, rate_of_truth: float, steps: int, cap: int = 6) -> list[int]:
+    """Drive one row for ``steps`` steps; each draft is accepted iff its position's coin says so
+    (a deterministic stream with acceptance ``rate_of_truth``). Returns the lengths chosen."""
+    gen = torch.Generator().manual_seed(0)
+    row = policy.new_row(sampled=False)
+    chosen = []
+    for _ in range(steps):
+        (k,) = policy.lengths([row], [cap], [False], sampled=False)
+        accepted = 0
+        while accepted < k and float(torch.rand(1, generator=gen)) < rate_of_truth:
+            accepted += 1
+        policy.update(row, False, k, accepted)
+        chosen.append(k)
+    return chosen
+
+
+def test_expected_tokens_and_acceptance_counts():
+    assert expected_tokens(0.0, 5) == 1.0
+    assert expected_tokens(1.0, 5) == 6.0
+    assert expected_tokens(0.5, 2) == pytest.approx(1.75)
+    row = RowAcceptance(0.0, 0.0)
+    row.update(4, 2, decay=1.0)  # two accepted, the third tested and rejected
+    row.update(3, 3, decay=1.0)  # all three accepted: nothing rejected
+    assert (row.accepted, row.tested) == (5.0, 6.0)
+    row.update(0, 0, decay=1.0)
+    assert row.idle == 1 and row.tested == 6.0
+
+
+def test_policy_turns_drafting_off_at_zero_acceptance_and_probes():
+    config = PolicyConfig(probe_every=8, probe_k=2)
+    chosen = simulate(DraftPolicy(measured_costs(), config), rate_of_truth=0.0, steps=80)
+    assert chosen[0] > 0  # a new row starts optimistic
+    late = chosen[20:]
+    assert sum(k > 0 for k in late) <= len(late) // config.probe_every + 1  # probes only
+    assert any(k > 0 for k in late) and max(late) <= config.probe_k  # ... but it does probe
+
+
+def test_policy_keeps_full_drafts_with_an_always_right_drafter():
+    chosen = simulate(DraftPolicy(measured_costs()), rate_of_truth=1.0, steps=30, cap=6)
+    assert chosen[5:] == [6] * 25
+
+
+def test_policy_follows_the_cost_of_a_pass():
+    """The same acceptance pays on a cheap pass and not on a dear one (a sampled pass here)."""
+    costs = measured_costs()
+    for w in range(1, 9):  # sampled passes cost 2x more per position than greedy ones
+        costs.observe_pass(1, w, True, 10.0 * (1 + 1.2 * w))
+        costs.passes[(1, w, True)] = 10.0 * (1 + 1.2 * w)
+    policy = DraftPolicy(costs)
+    row = RowAcceptance(accepted=4.0, tested=10.0)  # acceptance 0.4
+    assert policy.lengths([row], [6], [False], sampled=False)[0] > 0
+    assert policy.lengths([row], [6], [False], sampled=True) == [0]
+    assert policy.lengths([row], [6], [True], sampled=True) == [6]  # a row that opted out
+
+
+def test_unmeasured_cells_follow_the_prior_shape():
+    costs = PassCosts()
+    costs.observe_pass(1, 0, False, 10.0)
+    assert costs.pass_ms(1, 3, False) == pytest.approx(10.0 * costs.prior(4) / costs.prior(1))
+    assert costs.pass_ms(2, 0, True) == pytest.approx(10.0 * costs.prior(2))
+
+
+@pytest.mark.parametrize("wrong", [False, True])
+def test_policy_keeps_greedy_output_and_drops_useless_drafts(tiny, wrong):
+    prompts = prompts_for(tiny.config.vocab_size, count=2)
+    options = GenerateOptions(max_new_tokens=40, ignore_eos=True, draft_k=4)
+    expected = [r.token_ids for r in Engine(tiny).generate(prompts, options)]
+    oracle = OracleProposer(prompts, expected, tiny.config.vocab_size, wrong=wrong)
+    fixed = Engine(tiny, proposer=oracle, policy=False).generate(prompts, options)
+    engine = Engine(tiny, proposer=oracle)
+    engine.generate(prompts, options)  # the engine measures its costs
+    adaptive = engine.generate(prompts, options)
+    assert [r.token_ids for r in fixed] == expected
+    assert [r.token_ids for r in adaptive] == expected
+    proposed = sum(r.stats.draft_proposed for r in adaptive)
+    if wrong:  # acceptance 0: drafting off but for the first steps and the probes
+        assert proposed < sum(r.stats.draft_proposed for r in fixed) / 3
+    else:  # always right: it drafts
+        assert proposed >= sum(r.stats.draft_proposed for r in fixed) / 2
+        assert all(r.stats.tau > 2 for r in adaptive)
+
+
+def test_seeded_sampling_ignores_the_policy(tiny, tiny_drafter_model):
+    """Sampled rows of Engine.generate draw per-position uniforms from their own seeds: the same
+    tokens with the policy on or off, with drafting or without."""
+    prompts = prompts_for(tiny.config.vocab_size, count=2)
+    params = SamplingParams(temperature=0.9, top_p=0.9, seed=11)
+    options = GenerateOptions(max_new_tokens=20, sampling=params, ignore_eos=True, draft_k=3)
+    runs = [[r.token_ids for r in Engine(tiny, proposer=proposer, policy=policy)
+             .generate(prompts, options)]
+            for proposer, policy in ((None, True), (DraftModelProposer(tiny_drafter_model), True),
+                                     (DraftModelProposer(tiny_drafter_model), False))]
+    assert runs[0] == runs[1] == runs[2]
+    assert runs[0][0] != runs[0][1]  # the rows' seeds differ
+
+
+def test_policy_keeps_the_sampled_distribution():
+    """Rows drafting under the policy (cheap passes: it drafts) still sample the target exactly."""
+    vocab, trials = 12, 4000
+    target = tiny_model(seed=5, vocab_size=vocab)
+    drafter = tiny_model(seed=6, vocab_size=vocab, num_layers=1)
+    prompt = [2, 5, 7, 3]
+    params = SamplingParams(temperature=0.8)
+    costs = PassCosts()
+    for w in range(3):  # as if measured: drafting costs next to nothing
+        costs.observe_pass(trials + 1, w, True, 10.0)
+    costs.observe_draft(trials + 1, 1, 0.01)
+    session = BatchSession(target, None, DraftModelProposer(drafter, max_len=16),
+                           max_batch_size=trials + 1, max_len=16, max_draft_k=2, costs=costs)
+    session.add(prompt, GenerateOptions(max_new_tokens=4, ignore_eos=True, draft_k=2))  # greedy
+    for seed in range(trials):
+        session.add(prompt, GenerateOptions(max_new_tokens=4, ignore_eos=True, draft_k=2,
+                                            sampling=SamplingParams(temperature=0.8, seed=seed)))
+    assert session.policy is not None and session.policy.costs is costs
+    _assert_sampled_rows_follow_the_target(session, target, prompt, params, vocab, trials)
