@@ -68,11 +68,12 @@ from mtpspec.draft_policy import DraftPolicy, PassCosts, RowAcceptance
 from mtpspec.kv_cache import CacheFullError
 from mtpspec.models.base import TargetModel
 from mtpspec.proposers.base import Draft, DraftState, Proposer, empty_draft
-from mtpspec.sampling import SamplingParams, inverse_cdf, logits_to_probs, make_generator, sample
+from mtpspec.sampling import (SamplingParams, logits_to_probs, make_generator, sample,
+                              sample_from_logits)
 from mtpspec.sequence import (AdaptiveDraftLength, FailEvent, FinishEvent, GenerateOptions,
                               SequenceOutput, TokenEvent, TokenLogprob)
 from mtpspec.tokenizer import Tokenizer
-from mtpspec.verify import coupled_verify, greedy_verify_argmax, rejection_verify
+from mtpspec.verify import coupled_verify_lazy, greedy_verify_argmax, rejection_verify
 
 PREFILL_CHUNK = 512
 LOGPROB_CHUNK = 64  # prompt positions per LM-head call for prompt logprobs
@@ -386,11 +387,11 @@ class BatchSession:
                 continue
             seq = seqs[rows[0]]
             index = torch.tensor(rows)
-            probs = logits_to_probs(logits[index], seq.options.sampling)  # [g, V]
             if seq.coupled:
                 u = torch.cat([seqs[r].uniform(0, 1) for r in rows])  # [g]
-                tokens[index] = inverse_cdf(probs, u)
+                tokens[index] = sample_from_logits(logits[index], seq.options.sampling, u)
             else:
+                probs = logits_to_probs(logits[index], seq.options.sampling)  # [g, V]
                 tokens[index] = sample(probs, seq.generator)
         return tokens
 
@@ -557,12 +558,16 @@ class BatchSession:
             best = target[index] if target is not None else logits[index].argmax(dim=-1)
             return greedy_verify_argmax(best, tokens[index], counts[index])
         seq = self.live[rows[0]]
-        p = logits_to_probs(logits[index], seq.options.sampling)  # [g, w+1, V]
-        if seq.coupled:
+        if seq.coupled:  # each position's sample only while it can still be emitted
             width = tokens.shape[1] + 1
             u = torch.stack([self.live[r].uniform(self.live[r].produced, width)
                              for r in rows])  # [g, w+1]
-            return coupled_verify(p, tokens[index], u, counts[index])
+            group_logits = logits[index]  # [g, w+1, V]
+            params = seq.options.sampling
+            return coupled_verify_lazy(
+                lambda t, live: sample_from_logits(group_logits[live, t], params, u[live, t]),
+                tokens[index], counts[index])
+        p = logits_to_probs(logits[index], seq.options.sampling)  # [g, w+1, V]
         q = probs[index] if probs is not None else None
         return rejection_verify(p, tokens[index], q, seq.generator, counts[index])
 
