@@ -37,9 +37,9 @@ Draft lengths and the batch: a verification pass costs a fixed weight read plus 
 per row (on a CPU mostly the LM head over the whole vocabulary), so k drafts for each of n rows
 cost n * (k + 1) rows. ``max_verify_rows`` caps that: each row drafts at most
 ``max_verify_rows // n - 1`` tokens, so speculation fades out as the batch fills. Within those
-caps the ``DraftPolicy`` (``draft_policy``; on unless ``policy=False``) picks the width from each
-row's measured acceptance and the measured cost of passes and drafter steps, and gives no drafts
-to a row where they cannot pay (re-probing it now and then); a request opts out with
+caps the ``DraftPolicy`` (``draft_policy``; on unless ``policy=False``) lets rows draft only where
+their measured tokens per drafting step pay for the measured cost of a drafting step against a
+plain one, and gives no drafts to a row where they cannot pay (re-probing it now and then); a request opts out with
 ``GenerateOptions.draft_policy=False``. Draft lengths never change greedy output, nor the tokens
 of a coupled (seeded) sampled row.
 
@@ -64,7 +64,7 @@ from typing import Protocol
 
 import torch
 
-from mtpspec.draft_policy import DraftPolicy, PassCosts, RowAcceptance
+from mtpspec.draft_policy import DraftPolicy, RowAcceptance
 from mtpspec.kv_cache import CacheFullError
 from mtpspec.models.base import TargetModel
 from mtpspec.proposers.base import Draft, DraftState, Proposer, empty_draft
@@ -179,10 +179,10 @@ class BatchSession:
     def __init__(self, model: TargetModel, tokenizer: Tokenizer | None, proposer: Proposer | None,
                  max_batch_size: int, max_len: int, max_draft_k: int,
                  max_verify_rows: int | None = None, prefill_chunk: int = PREFILL_CHUNK,
-                 costs: PassCosts | None = None, policy: bool = True):
-        """costs: measured pass costs to share with other sessions (the engine's); policy:
-        choose each row's draft length from its acceptance and those costs (``draft_policy``);
-        False drafts what the options ask for."""
+                 policy: DraftPolicy | bool = True):
+        """policy: let rows draft only where their measured acceptance pays for the measured
+        cost of a drafting step (``draft_policy``): True, a new policy; a ``DraftPolicy``, that
+        one, with what it measured before (the engine's); False drafts what the options ask."""
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         device = model_device(model)
@@ -193,7 +193,9 @@ class BatchSession:
         self.max_len = min(max_len, model.config.max_position_embeddings)
         self.max_draft_k = max_draft_k if proposer is not None else 0
         self.max_verify_rows = max_verify_rows  # None: no cap on n * (k + 1)
-        self.policy = (DraftPolicy(costs) if policy and self.max_draft_k > 0 else None)
+        if self.max_draft_k == 0 or policy is False:
+            policy = None
+        self.policy = DraftPolicy() if policy is True else policy
         self.prefill_chunk = prefill_chunk  # prompt positions per prefill pass
         self.cache = model.new_cache(max_batch_size, self.max_len)  # [L, B, kvh, S, D]
         if self.max_draft_k > 0:  # verification passes of several rows: argmax without logits
@@ -400,7 +402,6 @@ class BatchSession:
         counts = torch.tensor(self._draft_lens())  # [n] drafts wanted per row
         start = time.perf_counter()
         draft, shared = self._draft(int(counts.max()))
-        drafted_at = time.perf_counter()
         counts = counts.clamp(max=draft.k)
         if draft.num_drafts is not None:
             counts = torch.minimum(counts, draft.num_drafts)
@@ -424,7 +425,7 @@ class BatchSession:
         self.steps += 1
         self.row_steps += len(live)
         if self.policy is not None:
-            self._measure(start, drafted_at, draft.k, width, not greedy_pass, counts, accepted)
+            self._measure(start, width > 0, not greedy_pass, counts, accepted)
 
         now = time.perf_counter()
         for row in range(len(live)):
@@ -489,14 +490,11 @@ class BatchSession:
         return self.recorder is not None or any(
             not seq.options.sampling.greedy or seq.options.logprobs is not None for seq in self.live)
 
-    def _measure(self, start: float, drafted_at: float, draft_steps: int, width: int,
-                 sampled: bool, counts: torch.Tensor, accepted: torch.Tensor) -> None:
-        """Feed the policy this step's timings and every row's acceptance."""
-        now = time.perf_counter()
-        n = len(self.live)
-        costs = self.policy.costs
-        costs.observe_draft(n, draft_steps, (drafted_at - start) * 1e3)
-        costs.observe_pass(n, width, sampled, (now - drafted_at) * 1e3)
+    def _measure(self, start: float, drafting: bool, sampled: bool, counts: torch.Tensor,
+                 accepted: torch.Tensor) -> None:
+        """Feed the policy this step's time (draft, pass, verification) and every row's outcome."""
+        ms = (time.perf_counter() - start) * 1e3
+        self.policy.costs.observe(len(self.live), drafting, sampled, ms)
         for row, seq in enumerate(self.live):
             if seq.acceptance is not None:
                 self.policy.update(seq.acceptance, not seq.options.sampling.greedy,

@@ -1,30 +1,33 @@
-"""How many tokens each row should draft: measured acceptance against a measured cost of a pass.
+"""Whether each row should draft this step: its measured tokens per step against measured step costs.
 
-Speculation pays only when the tokens a step emits grow faster than what the step costs. A step of
-n rows that drafts w tokens per row costs the drafter's w steps plus one target pass over
-``n * (w + 1)`` positions; row b then emits ``E_b(w) = 1 + a_b + ... + a_b^w`` tokens on average,
-where ``a_b`` is the row's measured acceptance rate (the geometric model: each drafted position is
-accepted with probability a, given the ones before it were). The policy picks the width w that
-maximizes ``sum_b E_b(w) / cost(n, w)`` (w = 0 is plain decoding), and gives every row whose own
-gain ``E_b(w) - 1`` is negligible no drafts at all.
+Speculation pays only when a drafting step emits more tokens per millisecond than a plain one. A
+plain step of n rows emits n tokens; a drafting step emits ``1 + accepted`` for each row, and costs
+the drafter's steps plus a target pass over ``n * (w + 1)`` positions. Both sides are measured
+rather than modelled, because the proposer picks its own draft lengths (the MTP head's confidence
+stop) and a pass's cost per position depends on the machine, the format and whether it must
+compute every logit (a sampled row) or only the argmax (``screen``):
 
-What is measured, and how:
-- ``PassCosts``: milliseconds of a target pass (with verification) per (rows n, width w, whether any
-  row samples; a sampled pass computes every logit, a greedy one uses the argmax screen), and of one
-  drafter step per row count, as exponential moving averages of this process's own timings. A cell
-  never measured is estimated from a measured one by the prior shape ``PRIOR_ROWS`` (on 2 CPU cores a
-  pass over M positions costs about ``1 + 0.3 (M - 1)`` one-token passes, ../shared/MEASURED.md);
-  with nothing measured, the prior alone. Costs live on the ``Engine`` so they outlast one session.
-- ``RowAcceptance``: per sequence, an exponentially decayed count of accepted and tested drafts
-  (a draft is tested when every draft before it was accepted), started from the session's running
-  rate for rows of the same kind (greedy or sampled).
-- Re-probing: a row that has not drafted for ``probe_every`` of its steps drafts ``probe_k`` tokens
-  once, so a request whose text became predictable (a list, a quote of the prompt) gets drafting
-  back, and cost cells of drafting widths keep being measured.
+- ``StepCosts``: milliseconds of a whole step (draft, target pass, verification) per (rows n,
+  drafting or not, whether any row samples), as exponential moving averages of this process's own
+  timings. A cell never measured is estimated from its sibling by the prior shape
+  ``1 + 0.3 (M - 1)`` one-token passes for a pass over M positions (2 CPU cores,
+  ../shared/MEASURED.md), assuming ``PRIOR_WIDTH`` drafts per row; with neither measured, the
+  policy drafts (and so measures). The ``Engine`` keeps one policy, so what it measured (costs,
+  the running figures per kind of row) outlasts a session.
+- ``RowAcceptance``: per sequence, exponentially decayed counts of its drafting steps and of the
+  tokens they emitted, started from the session's running figures for rows of the same kind
+  (greedy or sampled), or from an optimistic prior.
 
-Exactness: this module only chooses draft lengths. Greedy output never depends on them; sampled rows
-verified by per-position uniforms (``verify.coupled_verify``) do not either, so a seeded request
-gives the same text whatever this policy (and the machine's timing) decides.
+Rule: rows whose tokens per drafting step exceed 1 by at least ``min_gain`` would draft; they do
+when ``(n + sum of their gains) / cost(n, drafting)`` beats ``n / cost(n, plain)`` by ``margin``.
+Otherwise no row drafts this step, but a row that has not drafted for ``probe_every`` of its
+steps drafts once (at most ``probe_k`` tokens), so a request whose text became predictable gets
+drafting back and the drafting costs stay measured. Each drafting row drafts its cap: the
+proposer's own stop and the session's caps shorten it.
+
+Exactness: this module only chooses draft lengths. Greedy output never depends on them; sampled
+rows verified by per-position uniforms (``verify.coupled_verify``) do not either, so a seeded
+request gives the same text whatever this policy (and the machine's timing) decides.
 
 Must not: look at the tokens, the logits or a generator; it sees counts and times only.
 """
@@ -32,123 +35,93 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-PRIOR_ROWS = 0.3       # extra cost of each further position in a pass, in one-token passes
-PRIOR_PASS_MS = 15.0   # a one-token pass when nothing has been measured yet
-PRIOR_DRAFT = 0.1      # one drafter step, in one-token passes, before one is measured
+PRIOR_ROWS = 0.3   # extra cost of each further position in a pass, in one-token passes
+PRIOR_WIDTH = 2    # drafts per row assumed when a drafting step's cost is estimated
 
 
 @dataclass(frozen=True)
 class PolicyConfig:
     """Knobs of ``DraftPolicy`` (the defaults are what the engine and the server use)."""
 
-    decay: float = 0.9          # weight of the past in a row's acceptance counts, per step
-    prior_rate: float = 0.6     # acceptance of a row of a kind never seen (optimistic: it drafts)
-    prior_weight: float = 2.0   # tested drafts that prior is worth
+    decay: float = 0.9          # weight of the past in a row's counts, per drafting step
+    prior_tokens: float = 2.0   # tokens per drafting step of a row of a kind never seen
+    prior_weight: float = 2.0   # drafting steps that prior is worth
     smoothing: float = 0.2      # weight of a new timing in a cost cell's moving average
-    min_gain: float = 0.05      # a row whose E(w) - 1 is below this drafts nothing
-    margin: float = 0.02        # drafting must beat plain decoding's rate by this fraction
+    min_gain: float = 0.05      # a row that gains less than this per drafting step drafts not
+    margin: float = 0.03        # drafting must beat plain decoding's rate by this fraction
     probe_every: int = 16       # a row that drafted nothing for this many steps drafts once
-    probe_k: int = 2            # ... this many tokens
-
-
-def expected_tokens(rate: float, k: int) -> float:
-    """Tokens one step emits with k drafts accepted each with probability ``rate`` (geometric):
-    1 + rate + ... + rate^k (the bonus or recovered token included)."""
-    if rate >= 1.0:
-        return float(k + 1)
-    return (1.0 - rate ** (k + 1)) / (1.0 - rate)
+    probe_k: int = 2            # ... at most this many tokens
 
 
 @dataclass
 class RowAcceptance:
-    """One sequence's acceptance, as decayed counts of accepted and tested drafts."""
+    """One sequence's drafting record: decayed counts of drafting steps and their tokens."""
 
-    accepted: float
-    tested: float
+    tokens: float
+    steps: float
     idle: int = 0  # steps since the row last had a draft verified
 
     @property
-    def rate(self) -> float:
-        return self.accepted / self.tested if self.tested > 0 else 0.0
+    def per_step(self) -> float:
+        """Tokens a drafting step emits for this row (1 + accepted drafts), on average."""
+        return self.tokens / self.steps if self.steps > 0 else 1.0
 
     def update(self, drafted: int, accepted: int, decay: float) -> None:
         """A step verified ``drafted`` drafts of this row and accepted the first ``accepted``."""
         if drafted == 0:
             self.idle += 1
             return
-        tested = accepted + (accepted < drafted)  # drafts after a rejection are never tested
-        self.accepted = decay * self.accepted + accepted
-        self.tested = decay * self.tested + tested
+        self.tokens = decay * self.tokens + accepted + 1
+        self.steps = decay * self.steps + 1
         self.idle = 0
 
 
+def prior_pass(rows: int) -> float:
+    """A pass over ``rows`` positions, in one-token passes (the prior shape)."""
+    return 1.0 + PRIOR_ROWS * (rows - 1)
+
+
 @dataclass
-class PassCosts:
-    """Measured milliseconds of target passes and drafter steps (see the module docstring)."""
+class StepCosts:
+    """Measured milliseconds of whole steps (see the module docstring)."""
 
     smoothing: float = 0.2
-    passes: dict[tuple[int, int, bool], float] = field(default_factory=dict)  # (n, w, sampled)
-    draft_steps: dict[int, float] = field(default_factory=dict)  # n -> ms of one drafter step
+    steps: dict[tuple[int, bool, bool], float] = field(default_factory=dict)  # (n, drafting, sampled)
 
-    @staticmethod
-    def prior(rows: int) -> float:
-        """A pass over ``rows`` positions, in one-token passes (the prior shape)."""
-        return 1.0 + PRIOR_ROWS * (rows - 1)
+    def observe(self, n: int, drafting: bool, sampled: bool, ms: float) -> None:
+        key = (n, drafting, sampled)
+        old = self.steps.get(key)
+        self.steps[key] = ms if old is None else (1 - self.smoothing) * old + self.smoothing * ms
 
-    def observe_pass(self, n: int, width: int, sampled: bool, ms: float) -> None:
-        key = (n, width, sampled)
-        old = self.passes.get(key)
-        self.passes[key] = ms if old is None else (1 - self.smoothing) * old + self.smoothing * ms
-
-    def observe_draft(self, n: int, steps: int, ms: float) -> None:
-        if steps <= 0:
-            return
-        per_step = ms / steps
-        old = self.draft_steps.get(n)
-        self.draft_steps[n] = (per_step if old is None
-                               else (1 - self.smoothing) * old + self.smoothing * per_step)
-
-    def pass_ms(self, n: int, width: int, sampled: bool) -> float:
-        """Measured, else scaled by the prior from the nearest measured cell of the same kind."""
-        key = (n, width, sampled)
-        if key in self.passes:
-            return self.passes[key]
-        rows = n * (width + 1)
-        same = [(k, ms) for k, ms in self.passes.items() if k[2] == sampled] or list(
-            self.passes.items())
-        if not same:
-            return PRIOR_PASS_MS * self.prior(rows)
-        (kn, kw, _), ms = min(same, key=lambda item: (abs(item[0][0] - n), abs(item[0][1] - width)))
-        return ms * self.prior(rows) / self.prior(kn * (kw + 1))
-
-    def draft_ms(self, n: int, sampled: bool) -> float:
-        """One drafter step for n rows."""
-        if n in self.draft_steps:
-            return self.draft_steps[n]
-        if self.draft_steps:
-            near = min(self.draft_steps, key=lambda m: abs(m - n))
-            return self.draft_steps[near]
-        return PRIOR_DRAFT * self.pass_ms(1, 0, sampled)
+    def step_ms(self, n: int, drafting: bool, sampled: bool) -> float | None:
+        """Measured, else estimated from the sibling cell (drafting or not); None: neither."""
+        key = (n, drafting, sampled)
+        if key in self.steps:
+            return self.steps[key]
+        sibling = self.steps.get((n, not drafting, sampled))
+        if sibling is None:
+            return None
+        ratio = prior_pass(n * (PRIOR_WIDTH + 1)) / prior_pass(n)
+        return sibling * ratio if drafting else sibling / ratio
 
 
 class DraftPolicy:
     """Per-step draft lengths for the rows of a session (see the module docstring)."""
 
-    def __init__(self, costs: PassCosts | None = None, config: PolicyConfig = PolicyConfig()):
+    def __init__(self, costs: StepCosts | None = None, config: PolicyConfig = PolicyConfig()):
         self.config = config
-        self.costs = costs if costs is not None else PassCosts(config.smoothing)
-        # running acceptance of all rows of a kind (True: sampled), the start of a new row's
-        self._kind: dict[bool, RowAcceptance] = {}
+        self.costs = costs if costs is not None else StepCosts(config.smoothing)
+        self._kind: dict[bool, RowAcceptance] = {}  # running record of all rows of a kind
 
     def new_row(self, sampled: bool) -> RowAcceptance:
-        """Acceptance counts for a joining row: the kind's running rate, at the prior's weight."""
+        """The record of a joining row: its kind's running figure, at the prior's weight."""
         cfg = self.config
         kind = self._kind.get(sampled)
-        rate = kind.rate if kind is not None and kind.tested > 0 else cfg.prior_rate
-        return RowAcceptance(rate * cfg.prior_weight, cfg.prior_weight)
+        per_step = kind.per_step if kind is not None and kind.steps > 0 else cfg.prior_tokens
+        return RowAcceptance(per_step * cfg.prior_weight, cfg.prior_weight)
 
     def update(self, row: RowAcceptance, sampled: bool, drafted: int, accepted: int) -> None:
-        """Record a step of one row (and of its kind's running rate)."""
+        """Record a step of one row (and of its kind's running figure)."""
         row.update(drafted, accepted, self.config.decay)
         if drafted:
             kind = self._kind.setdefault(sampled, RowAcceptance(0.0, 0.0))
@@ -159,25 +132,25 @@ class DraftPolicy:
         """Drafts per row this step. caps[b]: the most row b may draft; fixed[b]: the row opted
         out of the policy (it drafts its cap); sampled: whether any row samples (the pass kind)."""
         n, cfg = len(rows), self.config
-        widest = max(caps, default=0)
-        if widest == 0:
-            return [0] * n
-        rates = [row.rate for row in rows]
-        plain = n / (self.costs.pass_ms(n, 0, sampled))
-        best_w, best = 0, plain * (1 + cfg.margin)
-        for w in range(1, widest + 1):
-            tokens = sum(expected_tokens(r, min(w, c)) for r, c in zip(rates, caps))
-            ms = self.costs.pass_ms(n, w, sampled) + w * self.costs.draft_ms(n, sampled)
-            if tokens / ms > best:
-                best_w, best = w, tokens / ms
+        gains = [row.per_step - 1 for row in rows]
+        useful = [gain >= cfg.min_gain and cap > 0 for gain, cap in zip(gains, caps)]
+        on = any(useful) and self._pays(n, sum(g for g, u in zip(gains, useful) if u), sampled)
         out = []
-        for rate, cap, row, own in zip(rates, caps, rows, fixed):
-            k = min(best_w, cap)
+        for row, cap, own, use in zip(rows, caps, fixed, useful):
             if own:
-                k = cap
-            elif k and expected_tokens(rate, k) - 1 < cfg.min_gain:
-                k = 0
-            elif k == 0 and row.idle >= cfg.probe_every:
-                k = min(cfg.probe_k, cap)  # re-probe a row that has not drafted for a while
-            out.append(k)
+                out.append(cap)
+            elif on and use:
+                out.append(cap)
+            elif row.idle >= cfg.probe_every:  # re-probe a row that has not drafted for a while
+                out.append(min(cfg.probe_k, cap))
+            else:
+                out.append(0)
         return out
+
+    def _pays(self, n: int, gain: float, sampled: bool) -> bool:
+        """Whether n rows that gain ``gain`` tokens in all per drafting step should draft."""
+        drafting = self.costs.step_ms(n, True, sampled)
+        plain = self.costs.step_ms(n, False, sampled)
+        if drafting is None or plain is None:  # nothing measured yet: draft, and so measure
+            return True
+        return (n + gain) / drafting > (1 + self.config.margin) * n / plain

@@ -15,8 +15,8 @@ a fixed batch through a session.
 Sampled rows of ``generate``/``stream`` are coupled rows of the session: each draws its own
 uniforms from a seed that the options' seed determines (row b's seed is the b-th draw of a generator
 seeded by it), so a seeded call gives the same tokens whatever the draft lengths, which the
-session's ``DraftPolicy`` chooses from timings. The engine keeps the measured costs (``costs``)
-across calls.
+session's ``DraftPolicy`` chooses from timings. The engine keeps one policy (``policy``), so what
+it measured (step costs, acceptance per kind of row) outlasts a call.
 
 Stops (EOS, stop strings, max_new_tokens) are applied token by token inside an accepted block,
 so nothing after a stop is ever emitted, and greedy output is the target's token for token, alone
@@ -30,7 +30,7 @@ from dataclasses import replace
 import torch
 
 from mtpspec.batch import BatchSession
-from mtpspec.draft_policy import PassCosts
+from mtpspec.draft_policy import DraftPolicy
 from mtpspec.kv_cache import CacheFullError
 from mtpspec.models.base import TargetModel
 from mtpspec.proposers.base import Proposer
@@ -52,8 +52,8 @@ class Engine:
         """policy: let sessions choose draft lengths from measured acceptance and costs
         (``draft_policy``); False drafts what the options ask for."""
         self.model = model
-        self.policy = policy
-        self.costs = PassCosts()  # measured pass and drafter costs, shared by this engine's sessions
+        # measured step costs and acceptance, shared by this engine's sessions (False: none)
+        self.policy: DraftPolicy | bool = DraftPolicy() if policy else False
         self.tokenizer = tokenizer
         self.proposer = proposer
         self.max_len = min(max_len, model.config.max_position_embeddings)
@@ -63,7 +63,7 @@ class Engine:
         """A continuous-batching session over this engine's full context (see ``BatchSession``)."""
         return BatchSession(self.model, self.tokenizer, self.proposer, max_batch_size,
                             self.max_len, max_draft_k if self.proposer is not None else 0,
-                            max_verify_rows, costs=self.costs, policy=self.policy)
+                            max_verify_rows, policy=self.policy)
 
     def generate(self, prompts: list[list[int]], options: GenerateOptions) -> list[GenerationResult]:
         """Generate for every prompt (token ids) and return the finished results."""
@@ -90,7 +90,7 @@ class Engine:
                 f"needs {needed} positions; the context holds {self.max_len}"
             )
         session = BatchSession(self.model, self.tokenizer, self.proposer, len(prompts), needed, k,
-                               costs=self.costs, policy=self.policy)
+                               policy=self.policy)
         generator = make_generator(options.sampling)
         ids = [session.add(prompt, _row_options(options, generator)) for prompt in prompts]
         index = {seq: b for b, seq in enumerate(ids)}

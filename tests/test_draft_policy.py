@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mtpspec.draft_policy import DraftPolicy, PassCosts, PolicyConfig, RowAcceptance, expected_tokens
+from mtpspec.draft_policy import (PRIOR_WIDTH, DraftPolicy, PolicyConfig, RowAcceptance, StepCosts,
+                                  prior_pass)
 from mtpspec.engine import BatchSession, Engine, GenerateOptions
 from mtpspec.proposers.draft_model import DraftModelProposer
 from mtpspec.sampling import SamplingParams
@@ -15,19 +16,19 @@ from conftest import tiny_model
 from test_engine import OracleProposer, _assert_sampled_rows_follow_the_target, prompts_for
 
 
-def measured_costs(one_token_ms=10.0, per_position=0.3, widest=8, draft_ms=0.5) -> PassCosts:
-    """Costs as if measured: a pass over M positions costs one_token_ms * (1 + per_position (M-1))."""
-    costs = PassCosts()
+def measured_costs(plain_ms=10.0, drafting_ms=14.0, sampled_drafting_ms=None) -> StepCosts:
+    """Step costs as if measured, for one row."""
+    costs = StepCosts()
     for sampled in (False, True):
-        for w in range(widest + 1):
-            costs.observe_pass(1, w, sampled, one_token_ms * (1 + per_position * w))
-    costs.observe_draft(1, 1, draft_ms)
+        costs.observe(1, False, sampled, plain_ms)
+        costs.observe(1, True, sampled, sampled_drafting_ms if sampled and sampled_drafting_ms
+                      else drafting_ms)
     return costs
 
 
 def simulate(policy: DraftPolicy, rate_of_truth: float, steps: int, cap: int = 6) -> list[int]:
     """Drive one row for ``steps`` steps; each draft is accepted iff its position's coin says so
-    (a deterministic stream with acceptance ``rate_of_truth``). Returns the lengths chosen."""
+    (a seeded stream with acceptance ``rate_of_truth``). Returns the lengths chosen."""
     gen = torch.Generator().manual_seed(0)
     row = policy.new_row(sampled=False)
     chosen = []
@@ -41,16 +42,14 @@ def simulate(policy: DraftPolicy, rate_of_truth: float, steps: int, cap: int = 6
     return chosen
 
 
-def test_expected_tokens_and_acceptance_counts():
-    assert expected_tokens(0.0, 5) == 1.0
-    assert expected_tokens(1.0, 5) == 6.0
-    assert expected_tokens(0.5, 2) == pytest.approx(1.75)
+def test_acceptance_counts():
     row = RowAcceptance(0.0, 0.0)
-    row.update(4, 2, decay=1.0)  # two accepted, the third tested and rejected
-    row.update(3, 3, decay=1.0)  # all three accepted: nothing rejected
-    assert (row.accepted, row.tested) == (5.0, 6.0)
+    assert row.per_step == 1.0
+    row.update(4, 2, decay=1.0)  # two accepted: three tokens
+    row.update(3, 3, decay=1.0)  # all three accepted: four tokens
+    assert (row.tokens, row.steps, row.per_step) == (7.0, 2.0, 3.5)
     row.update(0, 0, decay=1.0)
-    assert row.idle == 1 and row.tested == 6.0
+    assert row.idle == 1 and row.steps == 2.0
 
 
 def test_policy_turns_drafting_off_at_zero_acceptance_and_probes():
@@ -64,27 +63,39 @@ def test_policy_turns_drafting_off_at_zero_acceptance_and_probes():
 
 def test_policy_keeps_full_drafts_with_an_always_right_drafter():
     chosen = simulate(DraftPolicy(measured_costs()), rate_of_truth=1.0, steps=30, cap=6)
-    assert chosen[5:] == [6] * 25
+    assert chosen == [6] * 30
 
 
-def test_policy_follows_the_cost_of_a_pass():
-    """The same acceptance pays on a cheap pass and not on a dear one (a sampled pass here)."""
-    costs = measured_costs()
-    for w in range(1, 9):  # sampled passes cost 2x more per position than greedy ones
-        costs.observe_pass(1, w, True, 10.0 * (1 + 1.2 * w))
-        costs.passes[(1, w, True)] = 10.0 * (1 + 1.2 * w)
-    policy = DraftPolicy(costs)
-    row = RowAcceptance(accepted=4.0, tested=10.0)  # acceptance 0.4
-    assert policy.lengths([row], [6], [False], sampled=False)[0] > 0
+def test_policy_follows_the_cost_of_a_step():
+    """The same acceptance pays on a cheap drafting step and not on a dear one (a sampled pass
+    here), and a row that opted out drafts its cap regardless."""
+    policy = DraftPolicy(measured_costs(plain_ms=10.0, drafting_ms=13.0, sampled_drafting_ms=18.0))
+    row = RowAcceptance(tokens=15.0, steps=10.0)  # 1.5 tokens per drafting step
+    assert policy.lengths([row], [6], [False], sampled=False) == [6]
     assert policy.lengths([row], [6], [False], sampled=True) == [0]
-    assert policy.lengths([row], [6], [True], sampled=True) == [6]  # a row that opted out
+    assert policy.lengths([row], [6], [True], sampled=True) == [6]
+
+
+def test_batch_rows_draft_together_or_not_at_all():
+    """In a batch, rows that gain draft when the batch's gain pays; a row that gains nothing
+    does not draft beside them."""
+    costs = StepCosts()
+    costs.observe(3, False, False, 30.0)
+    costs.observe(3, True, False, 40.0)
+    policy = DraftPolicy(costs)
+    good, useless = RowAcceptance(30.0, 10.0), RowAcceptance(10.0, 10.0)
+    assert policy.lengths([good, useless, good], [4, 4, 2], [False] * 3, False) == [4, 0, 2]
+    weak = RowAcceptance(11.0, 10.0)  # 0.1 tokens gained per step cannot pay for 33% more time
+    assert policy.lengths([weak, useless, weak], [4, 4, 4], [False] * 3, False) == [0, 0, 0]
 
 
 def test_unmeasured_cells_follow_the_prior_shape():
-    costs = PassCosts()
-    costs.observe_pass(1, 0, False, 10.0)
-    assert costs.pass_ms(1, 3, False) == pytest.approx(10.0 * costs.prior(4) / costs.prior(1))
-    assert costs.pass_ms(2, 0, True) == pytest.approx(10.0 * costs.prior(2))
+    costs = StepCosts()
+    assert costs.step_ms(1, True, False) is None
+    costs.observe(1, False, False, 10.0)
+    ratio = prior_pass(1 + PRIOR_WIDTH) / prior_pass(1)
+    assert costs.step_ms(1, True, False) == pytest.approx(10.0 * ratio)
+    assert costs.step_ms(1, True, True) is None  # another kind of pass: not estimated from it
 
 
 @pytest.mark.parametrize("wrong", [False, True])
@@ -128,15 +139,15 @@ def test_policy_keeps_the_sampled_distribution():
     drafter = tiny_model(seed=6, vocab_size=vocab, num_layers=1)
     prompt = [2, 5, 7, 3]
     params = SamplingParams(temperature=0.8)
-    costs = PassCosts()
-    for w in range(3):  # as if measured: drafting costs next to nothing
-        costs.observe_pass(trials + 1, w, True, 10.0)
-    costs.observe_draft(trials + 1, 1, 0.01)
+    costs = StepCosts()  # as if measured: drafting costs next to nothing
+    costs.observe(trials + 1, False, True, 10.0)
+    costs.observe(trials + 1, True, True, 10.0)
     session = BatchSession(target, None, DraftModelProposer(drafter, max_len=16),
-                           max_batch_size=trials + 1, max_len=16, max_draft_k=2, costs=costs)
+                           max_batch_size=trials + 1, max_len=16, max_draft_k=2,
+                           policy=DraftPolicy(costs))
     session.add(prompt, GenerateOptions(max_new_tokens=4, ignore_eos=True, draft_k=2))  # greedy
     for seed in range(trials):
         session.add(prompt, GenerateOptions(max_new_tokens=4, ignore_eos=True, draft_k=2,
                                             sampling=SamplingParams(temperature=0.8, seed=seed)))
-    assert session.policy is not None and session.policy.costs is costs
+    assert session.policy.costs is costs
     _assert_sampled_rows_follow_the_target(session, target, prompt, params, vocab, trials)
