@@ -39,9 +39,9 @@ cost n * (k + 1) rows. ``max_verify_rows`` caps that: each row drafts at most
 ``max_verify_rows // n - 1`` tokens, so speculation fades out as the batch fills. Within those
 caps the ``DraftPolicy`` (``draft_policy``; on unless ``policy=False``) lets rows draft only where
 their measured tokens per drafting step pay for the measured cost of a drafting step against a
-plain one, and gives no drafts to a row where they cannot pay (re-probing it now and then); a request opts out with
-``GenerateOptions.draft_policy=False``. Draft lengths never change greedy output, nor the tokens
-of a coupled (seeded) sampled row.
+plain one, and gives no drafts to a row where they cannot pay (re-probing it now and then); a
+request opts out with ``GenerateOptions.draft_policy=False``. Draft lengths never change greedy
+output, nor the tokens of a coupled (seeded) sampled row.
 
 Greedy output of a sequence does not depend on its neighbours: rows never attend to each other,
 and each row's drafts are cut to its own length before verification.
@@ -487,8 +487,9 @@ class BatchSession:
 
     def _sampled_pass(self) -> bool:
         """Whether the next pass computes every logit (a sampled row, logprobs, a recorder)."""
-        return self.recorder is not None or any(
-            not seq.options.sampling.greedy or seq.options.logprobs is not None for seq in self.live)
+        return self.recorder is not None or any(not seq.options.sampling.greedy
+                                                or seq.options.logprobs is not None
+                                                for seq in self.live)
 
     def _measure(self, start: float, drafting: bool, sampled: bool, counts: torch.Tensor,
                  accepted: torch.Tensor) -> None:

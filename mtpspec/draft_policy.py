@@ -1,4 +1,4 @@
-"""Whether each row should draft this step: its measured tokens per step against measured step costs.
+"""Whether each row should draft this step: its measured tokens per step against step costs.
 
 Speculation pays only when a drafting step emits more tokens per millisecond than a plain one. A
 plain step of n rows emits n tokens; a drafting step emits ``1 + accepted`` for each row, and costs
@@ -86,7 +86,8 @@ class StepCosts:
     """Measured milliseconds of whole steps (see the module docstring)."""
 
     smoothing: float = 0.2
-    steps: dict[tuple[int, bool, bool], float] = field(default_factory=dict)  # (n, drafting, sampled)
+    # (rows n, drafting, sampled) -> ms
+    steps: dict[tuple[int, bool, bool], float] = field(default_factory=dict)
 
     def observe(self, n: int, drafting: bool, sampled: bool, ms: float) -> None:
         key = (n, drafting, sampled)
