@@ -8,8 +8,9 @@ stop) and a pass's cost per position depends on the machine, the format and whet
 compute every logit (a sampled row) or only the argmax (``screen``):
 
 - ``StepCosts``: milliseconds of a whole step (draft, target pass, verification) per (rows n,
-  drafting or not, whether any row samples), as exponential moving averages of this process's own
-  timings. A cell never measured is estimated from its sibling by the prior shape
+  drafting or not, whether any row samples): the median of this process's last ``window`` timings
+  of that kind (a median, because on a shared machine one step in a few takes twice as long, and
+  a drafting cell is timed rarely while drafting is off). A cell never measured is estimated from its sibling by the prior shape
   ``1 + 0.3 (M - 1)`` one-token passes for a pass over M positions (2 CPU cores,
   ../shared/MEASURED.md), assuming ``PRIOR_WIDTH`` drafts per row; with neither measured, the
   policy drafts (and so measures). The ``Engine`` keeps one policy, so what it measured (costs,
@@ -21,8 +22,8 @@ compute every logit (a sampled row) or only the argmax (``screen``):
 Rule: rows whose tokens per drafting step exceed 1 by at least ``min_gain`` would draft; they do
 when ``(n + sum of their gains) / cost(n, drafting)`` beats ``n / cost(n, plain)`` by ``margin``.
 Otherwise no row drafts this step, but a row that has not drafted for ``probe_every`` of its
-steps drafts once (at most ``probe_k`` tokens), so a request whose text became predictable gets
-drafting back and the drafting costs stay measured. Each drafting row drafts its cap: the
+steps drafts once (its cap, so that the probe times a real drafting step), so a request whose text
+became predictable gets drafting back and the drafting costs stay measured. Each drafting row drafts its cap: the
 proposer's own stop and the session's caps shorten it.
 
 Exactness: this module only chooses draft lengths. Greedy output never depends on them; sampled
@@ -33,6 +34,8 @@ Must not: look at the tokens, the logits or a generator; it sees counts and time
 """
 from __future__ import annotations
 
+import statistics
+from collections import deque
 from dataclasses import dataclass, field
 
 PRIOR_ROWS = 0.3   # extra cost of each further position in a pass, in one-token passes
@@ -46,11 +49,10 @@ class PolicyConfig:
     decay: float = 0.9          # weight of the past in a row's counts, per drafting step
     prior_tokens: float = 2.0   # tokens per drafting step of a row of a kind never seen
     prior_weight: float = 2.0   # drafting steps that prior is worth
-    smoothing: float = 0.2      # weight of a new timing in a cost cell's moving average
+    window: int = 9             # timings per cost cell (the cell's figure is their median)
     min_gain: float = 0.05      # a row that gains less than this per drafting step drafts not
     margin: float = 0.03        # drafting must beat plain decoding's rate by this fraction
-    probe_every: int = 16       # a row that drafted nothing for this many steps drafts once
-    probe_k: int = 2            # ... at most this many tokens
+    probe_every: int = 8        # a row that drafted nothing for this many steps drafts once
 
 
 @dataclass
@@ -85,14 +87,16 @@ def prior_pass(rows: int) -> float:
 class StepCosts:
     """Measured milliseconds of whole steps (see the module docstring)."""
 
-    smoothing: float = 0.2
-    # (rows n, drafting, sampled) -> ms
-    steps: dict[tuple[int, bool, bool], float] = field(default_factory=dict)
+    window: int = 9
+    # (rows n, drafting, sampled) -> the last ``window`` timings, ms
+    timings: dict[tuple[int, bool, bool], deque[float]] = field(default_factory=dict)
+    steps: dict[tuple[int, bool, bool], float] = field(default_factory=dict)  # their medians
 
     def observe(self, n: int, drafting: bool, sampled: bool, ms: float) -> None:
         key = (n, drafting, sampled)
-        old = self.steps.get(key)
-        self.steps[key] = ms if old is None else (1 - self.smoothing) * old + self.smoothing * ms
+        cell = self.timings.setdefault(key, deque(maxlen=self.window))
+        cell.append(ms)
+        self.steps[key] = statistics.median(cell)
 
     def step_ms(self, n: int, drafting: bool, sampled: bool) -> float | None:
         """Measured, else estimated from the sibling cell (drafting or not); None: neither."""
@@ -111,7 +115,7 @@ class DraftPolicy:
 
     def __init__(self, costs: StepCosts | None = None, config: PolicyConfig = PolicyConfig()):
         self.config = config
-        self.costs = costs if costs is not None else StepCosts(config.smoothing)
+        self.costs = costs if costs is not None else StepCosts(config.window)
         self._kind: dict[bool, RowAcceptance] = {}  # running record of all rows of a kind
 
     def new_row(self, sampled: bool) -> RowAcceptance:
@@ -143,7 +147,7 @@ class DraftPolicy:
             elif on and use:
                 out.append(cap)
             elif row.idle >= cfg.probe_every:  # re-probe a row that has not drafted for a while
-                out.append(min(cfg.probe_k, cap))
+                out.append(cap)
             else:
                 out.append(0)
         return out
