@@ -22,8 +22,10 @@ compute every logit (a sampled row) or only the argmax (``screen``):
 Rule: rows whose tokens per drafting step exceed 1 by at least ``min_gain`` would draft; they do
 when ``(n + sum of their gains) / cost(n, drafting)`` beats ``n / cost(n, plain)`` by ``margin``.
 Otherwise no row drafts this step, but a row that has not drafted for ``probe_every`` of its
-steps drafts once (its cap, so that the probe times a real drafting step), so a request whose text
-became predictable gets drafting back and the drafting costs stay measured. Each drafting row drafts its cap: the
+steps drafts once (``probe_k`` tokens), so a request whose text became predictable gets drafting
+back and the drafting costs stay measured; each probe that does not turn drafting back on doubles
+the row's wait for the next one (up to ``probe_most`` steps), so probing a request that cannot
+pay costs a few percent at first and next to nothing later. Each drafting row drafts its cap: the
 proposer's own stop and the session's caps shorten it.
 
 Exactness: this module only chooses draft lengths. Greedy output never depends on them; sampled
@@ -53,6 +55,8 @@ class PolicyConfig:
     min_gain: float = 0.05      # a row that gains less than this per drafting step drafts not
     margin: float = 0.03        # drafting must beat plain decoding's rate by this fraction
     probe_every: int = 8        # a row that drafted nothing for this many steps drafts once
+    probe_k: int = 2            # ... this many tokens (at most its cap)
+    probe_most: int = 128       # the longest wait between probes (the wait doubles per probe)
 
 
 @dataclass
@@ -62,6 +66,7 @@ class RowAcceptance:
     tokens: float
     steps: float
     idle: int = 0  # steps since the row last had a draft verified
+    probe_wait: int = 0  # idle steps before the next probe (0: the policy's probe_every)
 
     @property
     def per_step(self) -> float:
@@ -145,9 +150,11 @@ class DraftPolicy:
             if own:
                 out.append(cap)
             elif on and use:
+                row.probe_wait = 0
                 out.append(cap)
-            elif row.idle >= cfg.probe_every:  # re-probe a row that has not drafted for a while
-                out.append(cap)
+            elif row.idle >= (row.probe_wait or cfg.probe_every):  # re-probe, then wait longer
+                row.probe_wait = min(2 * (row.probe_wait or cfg.probe_every), cfg.probe_most)
+                out.append(min(cfg.probe_k, cap))
             else:
                 out.append(0)
         return out

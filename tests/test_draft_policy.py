@@ -53,12 +53,14 @@ def test_acceptance_counts():
 
 
 def test_policy_turns_drafting_off_at_zero_acceptance_and_probes():
-    config = PolicyConfig(probe_every=8)
-    chosen = simulate(DraftPolicy(measured_costs(), config), rate_of_truth=0.0, steps=80)
+    config = PolicyConfig(probe_every=8, probe_k=2, probe_most=32)
+    chosen = simulate(DraftPolicy(measured_costs(), config), rate_of_truth=0.0, steps=200)
     assert chosen[0] > 0  # a new row starts optimistic
     late = chosen[20:]
-    assert sum(k > 0 for k in late) <= len(late) // config.probe_every + 1  # probes only
-    assert any(k > 0 for k in late)  # ... but it does probe
+    probes = [i for i, k in enumerate(late) if k > 0]
+    assert probes and max(late) <= config.probe_k  # it probes, with short drafts
+    gaps = [b - a for a, b in zip(probes, probes[1:])]
+    assert gaps == sorted(gaps) and max(gaps) <= config.probe_most + 1  # ever rarer, to a limit
 
 
 def test_cost_cells_are_medians_of_recent_timings():
