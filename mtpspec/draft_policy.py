@@ -10,10 +10,10 @@ compute every logit (a sampled row) or only the argmax (``screen``):
 - ``StepCosts``: milliseconds of a whole step (draft, target pass, verification) per (rows n,
   drafting or not, whether any row samples): the median of this process's last ``window`` timings
   of that kind (a median, because on a shared machine one step in a few takes twice as long, and
-  a drafting cell is timed rarely while drafting is off). A cell never measured is estimated from its sibling by the prior shape
-  ``1 + 0.3 (M - 1)`` one-token passes for a pass over M positions (2 CPU cores,
-  ../shared/MEASURED.md), assuming ``PRIOR_WIDTH`` drafts per row; with neither measured, the
-  policy drafts (and so measures). The ``Engine`` keeps one policy, so what it measured (costs,
+  a drafting cell is timed rarely while drafting is off). A cell never measured is estimated
+  from its sibling by the prior shape ``1 + 0.3 (M - 1)`` one-token passes for a pass over M
+  positions (2 CPU cores, ../shared/MEASURED.md), assuming ``PRIOR_WIDTH`` drafts per row; with
+  neither measured, the policy drafts (and so measures). The ``Engine`` keeps one policy, so what it measured (costs,
   the running figures per kind of row) outlasts a session.
 - ``RowAcceptance``: per sequence, exponentially decayed counts of its drafting steps and of the
   tokens they emitted, started from the session's running figures for rows of the same kind
