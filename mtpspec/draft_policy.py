@@ -13,8 +13,8 @@ compute every logit (a sampled row) or only the argmax (``screen``):
   a drafting cell is timed rarely while drafting is off). A cell never measured is estimated
   from its sibling by the prior shape ``1 + 0.3 (M - 1)`` one-token passes for a pass over M
   positions (2 CPU cores, ../shared/MEASURED.md), assuming ``PRIOR_WIDTH`` drafts per row; with
-  neither measured, the policy drafts (and so measures). The ``Engine`` keeps one policy, so what it measured (costs,
-  the running figures per kind of row) outlasts a session.
+  neither measured, the policy drafts (and so measures). The ``Engine`` keeps one policy, so
+  what it measured (costs, the running figures per kind of row) outlasts a session.
 - ``RowAcceptance``: per sequence, exponentially decayed counts of its drafting steps and of the
   tokens they emitted, started from the session's running figures for rows of the same kind
   (greedy or sampled), or from an optimistic prior.
