@@ -36,8 +36,12 @@ exception propagates to the caller as it is.
 Draft lengths and the batch: a verification pass costs a fixed weight read plus a compute cost
 per row (on a CPU mostly the LM head over the whole vocabulary), so k drafts for each of n rows
 cost n * (k + 1) rows. ``max_verify_rows`` caps that: each row drafts at most
-``max_verify_rows // n - 1`` tokens, so speculation fades out as the batch fills. Draft lengths
-never change greedy output.
+``max_verify_rows // n - 1`` tokens, so speculation fades out as the batch fills. Within those
+caps the ``DraftPolicy`` (``draft_policy``; on unless ``policy=False``) lets rows draft only where
+their measured tokens per drafting step pay for the measured cost of a drafting step against a
+plain one, and gives no drafts to a row where they cannot pay (re-probing it now and then); a
+request opts out with ``GenerateOptions.draft_policy=False``. Draft lengths never change greedy
+output, nor the tokens of a coupled (seeded) sampled row.
 
 Greedy output of a sequence does not depend on its neighbours: rows never attend to each other,
 and each row's drafts are cut to its own length before verification.
@@ -55,19 +59,21 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
 
+from mtpspec.draft_policy import DraftPolicy, RowAcceptance
 from mtpspec.kv_cache import CacheFullError
 from mtpspec.models.base import TargetModel
 from mtpspec.proposers.base import Draft, DraftState, Proposer, empty_draft
-from mtpspec.sampling import SamplingParams, inverse_cdf, logits_to_probs, make_generator, sample
+from mtpspec.sampling import (SamplingParams, logits_to_probs, make_generator, sample,
+                              sample_from_logits)
 from mtpspec.sequence import (AdaptiveDraftLength, FailEvent, FinishEvent, GenerateOptions,
                               SequenceOutput, TokenEvent, TokenLogprob)
 from mtpspec.tokenizer import Tokenizer
-from mtpspec.verify import coupled_verify, greedy_verify_argmax, rejection_verify
+from mtpspec.verify import coupled_verify_lazy, greedy_verify_argmax, rejection_verify
 
 PREFILL_CHUNK = 512
 LOGPROB_CHUNK = 64  # prompt positions per LM-head call for prompt logprobs
@@ -109,14 +115,15 @@ class _Sequence:
     coupled: bool = False               # per-position uniforms from its own generator
     uniforms: torch.Tensor | None = None  # [N] float64: u_t of output positions t < N
     failed: str | None = None           # why this sequence failed; it leaves at the next retire
+    acceptance: RowAcceptance | None = None  # for the draft policy (None: no policy)
 
     @property
     def group(self) -> Hashable:
         """Rows with equal groups are verified (and may be drafted) together."""
         if self.options.sampling.greedy:
             return "greedy"
-        if self.coupled:
-            return ("coupled", self.options.sampling)
+        if self.coupled:  # each row draws its own uniforms: the seed does not split groups
+            return ("coupled", replace(self.options.sampling, seed=None))
         return (self.options.sampling, id(self.generator))
 
     @property
@@ -171,7 +178,11 @@ class BatchSession:
 
     def __init__(self, model: TargetModel, tokenizer: Tokenizer | None, proposer: Proposer | None,
                  max_batch_size: int, max_len: int, max_draft_k: int,
-                 max_verify_rows: int | None = None, prefill_chunk: int = PREFILL_CHUNK):
+                 max_verify_rows: int | None = None, prefill_chunk: int = PREFILL_CHUNK,
+                 policy: DraftPolicy | bool = True):
+        """policy: let rows draft only where their measured acceptance pays for the measured
+        cost of a drafting step (``draft_policy``): True, a new policy; a ``DraftPolicy``, that
+        one, with what it measured before (the engine's); False drafts what the options ask."""
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         device = model_device(model)
@@ -182,6 +193,9 @@ class BatchSession:
         self.max_len = min(max_len, model.config.max_position_embeddings)
         self.max_draft_k = max_draft_k if proposer is not None else 0
         self.max_verify_rows = max_verify_rows  # None: no cap on n * (k + 1)
+        if self.max_draft_k == 0 or policy is False:
+            policy = None
+        self.policy = DraftPolicy() if policy is True else policy
         self.prefill_chunk = prefill_chunk  # prompt positions per prefill pass
         self.cache = model.new_cache(max_batch_size, self.max_len)  # [L, B, kvh, S, D]
         if self.max_draft_k > 0:  # verification passes of several rows: argmax without logits
@@ -234,7 +248,9 @@ class BatchSession:
             seq_id=self._next_id, prompt=list(prompt), options=options, generator=generator,
             output=SequenceOutput(self.tokenizer, options, self.model.config.eos_token_ids),
             schedule=AdaptiveDraftLength(k) if options.adaptive_k and k > 0 else None,
-            history=list(prompt), coupled=coupled)
+            history=list(prompt), coupled=coupled,
+            acceptance=(self.policy.new_row(not options.sampling.greedy)
+                        if self.policy is not None and k > 0 else None))
         self._next_id += 1
         self.waiting.append(seq)
         return seq.seq_id
@@ -373,19 +389,18 @@ class BatchSession:
                 continue
             seq = seqs[rows[0]]
             index = torch.tensor(rows)
-            probs = logits_to_probs(logits[index], seq.options.sampling)  # [g, V]
             if seq.coupled:
                 u = torch.cat([seqs[r].uniform(0, 1) for r in rows])  # [g]
-                tokens[index] = inverse_cdf(probs, u)
+                tokens[index] = sample_from_logits(logits[index], seq.options.sampling, u)
             else:
+                probs = logits_to_probs(logits[index], seq.options.sampling)  # [g, V]
                 tokens[index] = sample(probs, seq.generator)
         return tokens
 
     def _decode(self, events: list[Event]) -> None:
         live = self.live
-        counts = torch.tensor([self._draft_len(seq) for seq in live])  # [n] drafts wanted per row
-        if self.max_verify_rows is not None:
-            counts = counts.clamp(max=max(0, self.max_verify_rows // len(live) - 1))
+        counts = torch.tensor(self._draft_lens())  # [n] drafts wanted per row
+        start = time.perf_counter()
         draft, shared = self._draft(int(counts.max()))
         counts = counts.clamp(max=draft.k)
         if draft.num_drafts is not None:
@@ -398,9 +413,9 @@ class BatchSession:
         pending = torch.tensor([seq.pending for seq in live])  # [n]
         ids = torch.cat([pending[:, None], tokens], dim=1)  # [n, w+1]
         block = positions[:, None] + torch.arange(width + 1)  # [n, w+1]
-        if self.recorder is None and all(seq.options.sampling.greedy and seq.options.logprobs is None
-                                         for seq in live):
-            # the argmax is all greedy rows need
+        greedy_pass = self.recorder is None and all(
+            seq.options.sampling.greedy and seq.options.logprobs is None for seq in live)
+        if greedy_pass:  # the argmax is all greedy rows need
             _, hidden = self.model(ids, block, self.cache, num_logits=0)  # [n, w+1, d]
             logits, target = None, self.model.greedy_tokens(hidden)  # [n, w+1]
         else:
@@ -409,6 +424,8 @@ class BatchSession:
         emitted, accepted = self._verify(logits, target, tokens, probs, counts)
         self.steps += 1
         self.row_steps += len(live)
+        if self.policy is not None:
+            self._measure(start, width > 0, not greedy_pass, counts, accepted)
 
         now = time.perf_counter()
         for row in range(len(live)):
@@ -450,6 +467,39 @@ class BatchSession:
             if not self.isolate_errors:
                 raise
             seq.failed = f"{type(err).__name__}: {err}"
+
+    def _draft_lens(self) -> list[int]:
+        """Drafts per live row this step: each row's cap (``_draft_len``, the verify-row cap),
+        then, with a policy, what its acceptance and the measured costs say pays."""
+        live = self.live
+        caps = [self._draft_len(seq) for seq in live]
+        if self.max_verify_rows is not None:
+            most = max(0, self.max_verify_rows // len(live) - 1)
+            caps = [min(k, most) for k in caps]
+        if self.policy is None or not any(caps):
+            return caps
+        rows = [seq.acceptance for seq in live]
+        if any(row is None for row in rows):  # rows that joined without drafting
+            caps = [0 if row is None else k for row, k in zip(rows, caps)]
+            rows = [row or self.policy.new_row(False) for row in rows]
+        return self.policy.lengths(rows, caps, [not seq.options.draft_policy for seq in live],
+                                   sampled=self._sampled_pass())
+
+    def _sampled_pass(self) -> bool:
+        """Whether the next pass computes every logit (a sampled row, logprobs, a recorder)."""
+        return self.recorder is not None or any(not seq.options.sampling.greedy
+                                                or seq.options.logprobs is not None
+                                                for seq in self.live)
+
+    def _measure(self, start: float, drafting: bool, sampled: bool, counts: torch.Tensor,
+                 accepted: torch.Tensor) -> None:
+        """Feed the policy this step's time (draft, pass, verification) and every row's outcome."""
+        ms = (time.perf_counter() - start) * 1e3
+        self.policy.costs.observe(len(self.live), drafting, sampled, ms)
+        for row, seq in enumerate(self.live):
+            if seq.acceptance is not None:
+                self.policy.update(seq.acceptance, not seq.options.sampling.greedy,
+                                   int(counts[row]), int(accepted[row]))
 
     def _draft_len(self, seq: _Sequence) -> int:
         """Drafts for this row's next step: its (adaptive) k, never past what it may still emit."""
@@ -507,12 +557,16 @@ class BatchSession:
             best = target[index] if target is not None else logits[index].argmax(dim=-1)
             return greedy_verify_argmax(best, tokens[index], counts[index])
         seq = self.live[rows[0]]
-        p = logits_to_probs(logits[index], seq.options.sampling)  # [g, w+1, V]
-        if seq.coupled:
+        if seq.coupled:  # each position's sample only while it can still be emitted
             width = tokens.shape[1] + 1
             u = torch.stack([self.live[r].uniform(self.live[r].produced, width)
                              for r in rows])  # [g, w+1]
-            return coupled_verify(p, tokens[index], u, counts[index])
+            group_logits = logits[index]  # [g, w+1, V]
+            params = seq.options.sampling
+            return coupled_verify_lazy(
+                lambda t, live: sample_from_logits(group_logits[live, t], params, u[live, t]),
+                tokens[index], counts[index])
+        p = logits_to_probs(logits[index], seq.options.sampling)  # [g, w+1, V]
         q = probs[index] if probs is not None else None
         return rejection_verify(p, tokens[index], q, seq.generator, counts[index])
 

@@ -12,6 +12,12 @@ live sequences in ONE target pass over ragged blocks (each row keeps its own num
 tokens), and finished or cancelled sequences leave between steps. ``Engine.generate/stream`` run
 a fixed batch through a session.
 
+Sampled rows of ``generate``/``stream`` are coupled rows of the session: each draws its own
+uniforms from a seed that the options' seed determines (row b's seed is the b-th draw of a generator
+seeded by it), so a seeded call gives the same tokens whatever the draft lengths, which the
+session's ``DraftPolicy`` chooses from timings. The engine keeps one policy (``policy``), so what
+it measured (step costs, acceptance per kind of row) outlasts a call.
+
 Stops (EOS, stop strings, max_new_tokens) are applied token by token inside an accepted block,
 so nothing after a stop is ever emitted, and greedy output is the target's token for token, alone
 or beside any other sequences.
@@ -19,8 +25,12 @@ or beside any other sequences.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
+
+import torch
 
 from mtpspec.batch import BatchSession
+from mtpspec.draft_policy import DraftPolicy
 from mtpspec.kv_cache import CacheFullError
 from mtpspec.models.base import TargetModel
 from mtpspec.proposers.base import Proposer
@@ -38,8 +48,12 @@ class Engine:
     or a continuous batch (``session``)."""
 
     def __init__(self, model: TargetModel, tokenizer: Tokenizer | None = None,
-                 proposer: Proposer | None = None, max_len: int = 4096):
+                 proposer: Proposer | None = None, max_len: int = 4096, policy: bool = True):
+        """policy: let sessions choose draft lengths from measured acceptance and costs
+        (``draft_policy``); False drafts what the options ask for."""
         self.model = model
+        # measured step costs and acceptance, shared by this engine's sessions (False: none)
+        self.policy: DraftPolicy | bool = DraftPolicy() if policy else False
         self.tokenizer = tokenizer
         self.proposer = proposer
         self.max_len = min(max_len, model.config.max_position_embeddings)
@@ -49,7 +63,7 @@ class Engine:
         """A continuous-batching session over this engine's full context (see ``BatchSession``)."""
         return BatchSession(self.model, self.tokenizer, self.proposer, max_batch_size,
                             self.max_len, max_draft_k if self.proposer is not None else 0,
-                            max_verify_rows)
+                            max_verify_rows, policy=self.policy)
 
     def generate(self, prompts: list[list[int]], options: GenerateOptions) -> list[GenerationResult]:
         """Generate for every prompt (token ids) and return the finished results."""
@@ -62,8 +76,9 @@ class Engine:
                results: list[GenerationResult] | None = None) -> Iterator[TokenEvent]:
         """Yield tokens as they are accepted; fill ``results`` (if given) when all are done.
 
-        The prompts share one sampling generator (seeded by ``options.sampling.seed``), are
-        prefilled together, and report the batch's prefill and decode times."""
+        Sampled prompts get seeds of their own drawn from a generator seeded by
+        ``options.sampling.seed`` (see the module docstring); the prompts are prefilled together
+        and report the batch's prefill and decode times."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
         k = options.draft_k if self.proposer is not None else 0
@@ -74,9 +89,10 @@ class Engine:
                 f"prompt of {longest} tokens plus max_new_tokens={options.max_new_tokens} "
                 f"needs {needed} positions; the context holds {self.max_len}"
             )
-        session = BatchSession(self.model, self.tokenizer, self.proposer, len(prompts), needed, k)
+        session = BatchSession(self.model, self.tokenizer, self.proposer, len(prompts), needed, k,
+                               policy=self.policy)
         generator = make_generator(options.sampling)
-        ids = [session.add(prompt, options, generator) for prompt in prompts]
+        ids = [session.add(prompt, _row_options(options, generator)) for prompt in prompts]
         index = {seq: b for b, seq in enumerate(ids)}
         done: dict[int, GenerationResult] = {}
         while not session.idle:
@@ -91,3 +107,11 @@ class Engine:
             result.stats.decode_s = decode_s
         if results is not None:
             results.extend(done[b] for b in range(len(prompts)))
+
+
+def _row_options(options: GenerateOptions, generator: torch.Generator | None) -> GenerateOptions:
+    """A prompt's options: sampled ones with a seed of its own, the next draw of ``generator``."""
+    if generator is None:
+        return options
+    seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator))
+    return replace(options, sampling=replace(options.sampling, seed=seed))

@@ -155,6 +155,52 @@ def inverse_cdf(probs: Tensor, u: Tensor) -> Tensor:
     return tokens.reshape(probs.shape[:-1])
 
 
+NUCLEUS_SCREEN = 2.0 ** -16  # candidates of a nucleus first: tokens with p >= this * max p
+
+
+def nucleus(probs: Tensor, top_p: float) -> Tensor:
+    """Token ids of one row's top-p nucleus, ascending: probs ``[V]`` -> ``[n]`` int64.
+
+    The same rule as ``_top_p_mask`` (a token is kept iff the float32 cumulative mass of the tokens
+    sorted before it is below top_p): it sorts only the tokens with p >= ``NUCLEUS_SCREEN`` * max p,
+    which are the likeliest tokens, and keeps that answer when their cumulative mass reaches top_p
+    (every other token sorts after them, so it would be cut); else it sorts the whole row."""
+    screen = torch.nonzero(probs >= probs.max() * NUCLEUS_SCREEN).flatten()  # [c]
+    values, order = torch.sort(probs[screen], descending=True)  # [c]
+    cumulative = torch.cumsum(values, dim=-1)  # [c]
+    if float(cumulative[-1]) < top_p:  # the nucleus may reach past the screened tokens
+        values, screen = torch.sort(probs, descending=True)
+        order = torch.arange(probs.shape[-1])
+        cumulative = torch.cumsum(values, dim=-1)
+    inside = cumulative - values < top_p  # [c] mass before < top_p
+    inside[0] = True
+    return torch.sort(screen[order[inside]]).values
+
+
+def sample_from_logits(logits: Tensor, params: SamplingParams, u: Tensor) -> Tensor:
+    """The token each row's uniform picks under ``params``: logits ``[B, V]``, u ``[B]`` in
+    [0, 1) -> ids ``[B]``. Greedy params: the argmax.
+
+    The same distribution as ``inverse_cdf(logits_to_probs(logits, params), u)`` without making
+    the renormalised ``[B, V]`` tensor: temperature, top-k and the softmax as there, then the
+    inverse CDF (float64, token id order) over the nucleus alone (``nucleus``). Both plain and
+    speculative decoding of a coupled row draw through here, so a seed gives the same tokens."""
+    if params.greedy:
+        return logits.argmax(dim=-1)
+    x = logits.float() / params.temperature  # [B, V]
+    vocab = x.shape[-1]
+    if 0 < params.top_k < vocab:
+        x = x.masked_fill(~_top_k_mask(x, params.top_k), -math.inf)
+    probs = torch.softmax(x, dim=-1)  # [B, V]
+    if params.top_p >= 1.0:
+        return inverse_cdf(probs, u)
+    tokens = torch.empty(probs.shape[0], dtype=torch.long)
+    for row in range(probs.shape[0]):
+        ids = nucleus(probs[row], params.top_p)  # [n]
+        tokens[row] = ids[inverse_cdf(probs[row, ids], u[row])]
+    return tokens
+
+
 def select(logits: Tensor, params: SamplingParams, generator: torch.Generator | None) -> Tensor:
     """Next token per row from logits ``[B, V]`` -> ``[B]``: argmax for greedy, else a sample."""
     if params.greedy:

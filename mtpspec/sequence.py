@@ -28,6 +28,7 @@ class GenerateOptions:
     ignore_eos: bool = False
     stop_token_ids: tuple[int, ...] = ()  # end a sequence like EOS (not emitted)
     adaptive_k: bool = False  # adapt the draft length to recent acceptance (draft_k is the cap)
+    draft_policy: bool = True  # let the session shorten or skip drafts that cannot pay (draft_policy)
     logprobs: int | None = None  # None: off; n >= 0: each token's logprob and the n most likely
     prompt_logprobs: int | None = None  # the same for the prompt's tokens (after the first)
 

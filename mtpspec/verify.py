@@ -25,6 +25,7 @@ This module must not call models, touch caches, or decide how p and q were made 
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -188,5 +189,27 @@ def coupled_verify(
     batch, k = _check_shapes(p, draft_tokens, "p")
     if u.shape != (batch, k + 1):
         raise ValueError(f"u must be [B, k+1]=[{batch}, {k + 1}], got {tuple(u.shape)}")
-    target = inverse_cdf(p, u)  # [B, k+1] the sample at every position
+    return coupled_verify_lazy(lambda t, rows: inverse_cdf(p[rows, t], u[rows, t]),
+                               draft_tokens, num_drafts)
+
+
+def coupled_verify_lazy(
+    token_at: Callable[[int, Tensor], Tensor], draft_tokens: Tensor,
+    num_drafts: Tensor | None = None
+) -> VerifyResult:
+    """``coupled_verify`` that asks for the target's token of a position only while it can still
+    be emitted: ``token_at(t, rows)`` gives rows' tokens ``[r]`` at position t (rows ``[r]`` int64),
+    and is called for t = 0, 1, ... with the rows whose drafts before t all matched. A sampled
+    token costs a softmax over the vocabulary, so a rejection at t spares positions t+1..k."""
+    batch, k = draft_tokens.shape
+    valid = _valid_mask(num_drafts, batch, k, draft_tokens.device)  # [B, k]
+    target = torch.full((batch, k + 1), -1, dtype=torch.long)  # [B, k+1]; -1: never asked
+    rows = torch.arange(batch)  # [r] rows whose drafts so far all matched
+    for t in range(k + 1):
+        target[rows, t] = token_at(t, rows)
+        if t == k:
+            break
+        rows = rows[valid[rows, t] & (draft_tokens[rows, t].long() == target[rows, t])]
+        if rows.numel() == 0:
+            break
     return greedy_verify_argmax(target, draft_tokens, num_drafts)

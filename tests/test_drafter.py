@@ -24,12 +24,12 @@ from mtpspec.drafter.clusters import balanced_kmeans, frequent_tokens
 from mtpspec.drafter.data import generate_batch, generate_states
 from mtpspec.drafter.head import HEAD_KINDS, DrafterConfig, MTPHead, init_weights
 from mtpspec.drafter.train import TrainConfig, evaluate, train
-from mtpspec.engine import Engine, GenerateOptions
+from mtpspec.engine import BatchSession, Engine, FinishEvent, GenerateOptions
 from mtpspec.proposers.base import DraftState
 from mtpspec.proposers.factory import ProposerRequest, SpecError, make_proposer
 from mtpspec.proposers.mtp import DraftHeadLogits, MTPProposer
 from mtpspec.runtime import Target
-from mtpspec.sampling import SamplingParams, logits_to_probs
+from mtpspec.sampling import SamplingParams, logits_to_probs, make_generator
 
 from conftest import tiny_model
 
@@ -364,7 +364,7 @@ def test_mtp_greedy_speculative_equals_plain(target, trained_head, plain_greedy,
     head = with_config(trained_head, constant_positions=constant_positions)
     proposer = MTPProposer(head, target, kind, use_fused=use_fused)
     assert (proposer.fused is not None) == use_fused  # the packed CPU target takes the C++ step
-    engine = Engine(target, proposer=proposer)
+    engine = Engine(target, proposer=proposer, policy=False)  # drafts every step
     accepted = drafted = 0
     for k in (1, 2, 4, 6):
         options = GenerateOptions(max_new_tokens=20, ignore_eos=True, draft_k=k)
@@ -450,7 +450,16 @@ def test_mtp_sampling_keeps_the_target_distribution(temperature, top_p, use_fuse
                                      min_confidence=min_confidence))
     trials = 6000
     options = GenerateOptions(max_new_tokens=4, sampling=params, ignore_eos=True, draft_k=2)
-    results = Engine(target, proposer=proposer).generate([prompt] * trials, options)
+    # one shared generator: rejection sampling against the head's own q (Engine.generate would
+    # give each row its own seed and verify point-mass drafts); no policy: it drafts every step
+    session = BatchSession(target, None, proposer, trials, 16, 2, policy=False)
+    shared = make_generator(params)
+    for _ in range(trials):
+        session.add(prompt, options, shared)
+    done = {}
+    while not session.idle:
+        done.update((e.row, e.result) for e in session.step() if isinstance(e, FinishEvent))
+    results = [done[j] for j in range(trials)]
     counts = torch.zeros(vocab * vocab)
     for r in results:
         counts[r.token_ids[1] * vocab + r.token_ids[2]] += 1
@@ -540,6 +549,6 @@ def test_hybrid_proposer_is_lossless_and_uses_both_sources(tiny):
     prompt = [2, 7, 8, 9, 7, 8, 9, 7, 8]
     options = GenerateOptions(max_new_tokens=24, ignore_eos=True, draft_k=3)
     plain = Engine(tiny).generate([prompt], options)[0]
-    spec = Engine(tiny, proposer=hybrid).generate([prompt], options)[0]
+    spec = Engine(tiny, proposer=hybrid, policy=False).generate([prompt], options)[0]
     assert spec.token_ids == plain.token_ids
     assert 0 < calls["mtp"] < spec.stats.steps  # some steps drafted by lookup, some by the head

@@ -86,7 +86,7 @@ def test_greedy_speculative_equals_plain(tiny, tiny_drafter_model, plain_outputs
         "draft-model": lambda: DraftModelProposer(tiny_drafter_model),
     }[kind]()
     spec = GenerateOptions(max_new_tokens=options.max_new_tokens, ignore_eos=True, draft_k=k)
-    engine = Engine(tiny, proposer=proposer)
+    engine = Engine(tiny, proposer=proposer, policy=False)
     batched = engine.generate(prompts, spec)
     assert [r.token_ids for r in batched] == expected
     for prompt, want in zip(prompts[:2], expected):
@@ -107,7 +107,7 @@ def test_stops_inside_an_accepted_block(tiny, plain_outputs):
     cut = full.index(eos)
     for k in (4, 8):
         oracle = OracleProposer([prompt], [full], tiny.config.vocab_size)
-        engine = Engine(tiny, proposer=oracle)
+        engine = Engine(tiny, proposer=oracle, policy=False)
         # max_new_tokens in the middle of a block
         out = engine.generate([prompt], GenerateOptions(max_new_tokens=7, ignore_eos=True,
                                                         draft_k=k))[0]
@@ -148,8 +148,8 @@ def test_speculative_sampling_keeps_the_target_distribution(temperature, top_p):
     params = SamplingParams(temperature=temperature, top_p=top_p, seed=7)
     expected = _expected_joint(target, prompt, params, vocab)
     trials = 6000
-    spec = _joint_counts(Engine(target, proposer=DraftModelProposer(drafter)), prompt, params,
-                         trials, vocab)
+    engine = Engine(target, proposer=DraftModelProposer(drafter), policy=False)  # drafts always
+    spec = _joint_counts(engine, prompt, params, trials, vocab)
     keep = expected * trials >= 5
     chi2 = (((spec - expected * trials) ** 2) / (expected * trials).clamp(min=1e-9))[keep].sum()
     dof = int(keep.sum()) - 1
@@ -167,9 +167,9 @@ def test_adaptive_draft_length_stays_lossless_and_adapts(tiny, plain_outputs, ki
                 "ngram": NgramProposer()}[kind]
     spec = GenerateOptions(max_new_tokens=options.max_new_tokens, ignore_eos=True, draft_k=8,
                            adaptive_k=True)
-    results = Engine(tiny, proposer=proposer).generate(prompts, spec)
+    results = Engine(tiny, proposer=proposer, policy=False).generate(prompts, spec)
     assert [r.token_ids for r in results] == expected
-    single = Engine(tiny, proposer=proposer).generate(prompts[:1], spec)[0]
+    single = Engine(tiny, proposer=proposer, policy=False).generate(prompts[:1], spec)[0]
     if kind == "oracle":  # grows towards the cap: far fewer steps than fixed k=3
         assert single.stats.steps <= 1 + options.max_new_tokens // 4
     if kind == "wrong":  # shrinks to one draft per step
@@ -233,7 +233,7 @@ def test_continuous_batching_equals_solo_greedy(tiny, plain_outputs, kind, monke
     rows = 6 if kind == "oracle-capped" else None  # 3 live rows: 1 draft each; 2 rows: 2
     shapes = []  # [rows, drafts + 1] of every verification pass
     session = BatchSession(tiny, None, proposer, max_batch_size=3, max_len=64, max_draft_k=5,
-                           max_verify_rows=rows)
+                           max_verify_rows=rows, policy=False)
     verify = session._verify
 
     def spy(logits, target, tokens, probs, counts):
@@ -318,7 +318,8 @@ def test_point_mass_drafts_beside_greedy_rows_keep_the_distribution():
     prompt = [2, 5, 7, 3]
     params = SamplingParams(temperature=0.8, seed=11)
     session = BatchSession(target, None, DraftModelProposer(drafter, max_len=16),
-                           max_batch_size=trials + 1, max_len=16, max_draft_k=2)
+                           max_batch_size=trials + 1, max_len=16, max_draft_k=2,
+                           policy=False)
     session.add(prompt, GenerateOptions(max_new_tokens=4, ignore_eos=True, draft_k=2))
     shared = make_generator(params)  # one group (verified in one call), beside the greedy row
     options = GenerateOptions(max_new_tokens=4, ignore_eos=True, draft_k=2, sampling=params)
@@ -373,7 +374,7 @@ def test_per_request_seeds_keep_the_distribution_and_ignore_the_batch():
     prompt = [2, 5, 7, 3]
     params = SamplingParams(temperature=0.8)
     session = BatchSession(target, None, DraftModelProposer(drafter, max_len=16),
-                           max_batch_size=trials + 1, max_len=16, max_draft_k=2)
+                           max_batch_size=trials + 1, max_len=16, max_draft_k=2, policy=False)
     session.add(prompt, GenerateOptions(max_new_tokens=4, ignore_eos=True, draft_k=2))  # greedy
     for seed in range(trials):
         session.add(prompt, GenerateOptions(max_new_tokens=4, ignore_eos=True, draft_k=2,
@@ -388,7 +389,7 @@ def test_per_request_seeds_keep_the_distribution_and_ignore_the_batch():
         for proposer, k in ((None, 0), (DraftModelProposer(drafter, max_len=16), 1),
                             (DraftModelProposer(drafter, max_len=16), 2)):
             alone = BatchSession(target, None, proposer, max_batch_size=1, max_len=16,
-                                 max_draft_k=k)
+                                 max_draft_k=k, policy=False)
             alone.add(prompt, options(k))
             while not alone.idle:
                 runs += [e.result.token_ids for e in alone.step() if isinstance(e, FinishEvent)]

@@ -154,3 +154,43 @@ def test_sample_frequencies_follow_the_distribution():
     counts = torch.bincount(draws, minlength=5).float() / draws.numel()
     assert counts[1] == 0 and counts[4] == 0  # never a token without mass
     assert torch.allclose(counts, probs, atol=0.01)
+
+
+@pytest.mark.parametrize("top_p", [0.5, 0.9, 0.95, 0.999])
+def test_nucleus_from_screened_tokens_equals_the_full_sort(top_p):
+    """``nucleus`` sorts only the likeliest tokens when they hold top_p, else the whole row: the
+    same tokens as the full-sort rule either way (peaked rows, flat rows, a row of ties)."""
+    from mtpspec.sampling import _top_p_mask, nucleus
+    gen = torch.Generator().manual_seed(3)
+    rows = torch.cat([torch.randn(3, 50_000, generator=gen) * 4.0,
+                      torch.randn(3, 50_000, generator=gen) * 0.1, torch.zeros(1, 50_000)])
+    probs = torch.softmax(rows, dim=-1)  # [7, V]
+    sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+    inside = (torch.cumsum(sorted_probs, -1) - sorted_probs) < top_p
+    inside[:, 0] = True
+    want = torch.zeros_like(inside).scatter_(-1, order, inside)
+    for row in range(probs.shape[0]):
+        if row == probs.shape[0] - 1:  # ties: which tied tokens make the cut is the sort's choice
+            assert nucleus(probs[row], top_p).numel() == int(want[row].sum())
+            continue
+        assert torch.equal(nucleus(probs[row], top_p), torch.nonzero(want[row]).flatten())
+        assert torch.equal(torch.nonzero(_top_p_mask(probs[row:row + 1], top_p)[0]).flatten(),
+                           nucleus(probs[row], top_p))
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=0.7, top_p=0.95),
+                                    SamplingParams(temperature=1.0),
+                                    SamplingParams(temperature=0.8, top_k=50, top_p=0.9),
+                                    SamplingParams()])
+def test_sample_from_logits_is_the_inverse_cdf_of_logits_to_probs(params):
+    """The nucleus-only draw picks the token that the full renormalised distribution picks at the
+    same uniform (but within float rounding of a boundary between two tokens)."""
+    from mtpspec.sampling import inverse_cdf, sample_from_logits
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(64, 20_000, generator=gen) * 3.0  # [B, V]
+    u = torch.rand(64, generator=gen, dtype=torch.float64)  # [B]
+    for trial in range(8):
+        u = torch.rand(64, generator=gen, dtype=torch.float64)
+        got = sample_from_logits(logits, params, u)
+        want = inverse_cdf(logits_to_probs(logits, params), u)
+        assert (got != want).sum() <= 1, trial

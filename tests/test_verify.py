@@ -17,8 +17,9 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from mtpspec.sampling import SamplingParams, logits_to_probs, sample
-from mtpspec.verify import VerifyResult, greedy_verify, rejection_verify
+from mtpspec.sampling import SamplingParams, inverse_cdf, logits_to_probs, sample
+from mtpspec.verify import (VerifyResult, coupled_verify, coupled_verify_lazy, greedy_verify,
+                            rejection_verify)
 
 V = 8  # toy vocabulary
 N = 100_000  # independent trials per statistical check
@@ -323,3 +324,28 @@ def test_rejection_verify_is_lossless(name):
 def test_wrong_verifier_fails_the_same_check(wrong, name):
     with pytest.raises(AssertionError, match="first token: p-value 0 "):
         _assert_lossless(wrong, CASES[name])
+
+
+def test_coupled_verify_lazy_asks_only_for_positions_that_can_be_emitted():
+    """The lazy form emits what the eager one does, and asks for position t of a row only while
+    every draft before t matched."""
+    gen = torch.Generator().manual_seed(4)
+    p = torch.softmax(torch.randn(64, 4, V, generator=gen) * 3, dim=-1)  # [B, k+1, V]
+    u = torch.rand(64, 4, generator=gen, dtype=torch.float64)  # [B, k+1]
+    other = torch.randint(0, V, (64, 3), generator=gen)  # [B, k] drafts that may be wrong
+    exact = inverse_cdf(p, u)  # [B, k+1] the sample at every position
+    drafts = torch.where(torch.rand(64, 3, generator=gen) < 0.6, exact[:, :3], other)
+    counts = torch.randint(0, 4, (64,), generator=gen)
+    asked = []
+
+    def token_at(t, rows):
+        asked.append((t, rows.tolist()))
+        return inverse_cdf(p[rows, t], u[rows, t])
+    lazy = coupled_verify_lazy(token_at, drafts, counts)
+    eager = coupled_verify(p, drafts, u, counts)
+    assert torch.equal(lazy.tokens, eager.tokens) and torch.equal(lazy.num_accepted, eager.num_accepted)
+    for t, rows in asked:
+        for row in rows:  # every earlier draft of that row was real and matched
+            assert all(int(drafts[row, s]) == int(exact[row, s]) and s < int(counts[row])
+                       for s in range(t))
+    assert sum(len(rows) for _, rows in asked) < 64 * 4  # it spared some positions
