@@ -30,6 +30,7 @@ import functools
 import hashlib
 import os
 import platform
+import time
 import warnings
 from pathlib import Path
 
@@ -85,9 +86,12 @@ def _flags() -> tuple[list[str], list[str]]:
 
 
 def build_name() -> str:
-    """Extension name: a hash of every source and header and of the flags."""
+    """Extension name: a hash of every source and header, of the flags and of where the sources
+    are (torch's build files name them by absolute path, so two checkouts sharing one build folder
+    would rebuild over each other)."""
     cflags, ldflags = _flags()
     digest = hashlib.sha256(" ".join(cflags + ldflags).encode())
+    digest.update(str(CSRC.resolve()).encode())
     for path in sorted(CSRC.iterdir()):
         if path.suffix in (".h", ".cpp"):
             digest.update(path.name.encode())
@@ -105,11 +109,31 @@ def _load():
         from torch.utils.cpp_extension import load
 
         cflags, ldflags = _flags()
+        clear_stale_lock(build_name())
         module = load(name=build_name(), sources=[str(CSRC / s) for s in SOURCES],
                       extra_cflags=cflags, extra_ldflags=ldflags, extra_include_paths=[str(CSRC)])
         return module, None
     except (RuntimeError, OSError, ImportError) as err:  # no compiler / ninja, or a build error
         return None, f"native build failed: {err}"
+
+
+STALE_LOCK_S = 15 * 60  # a build takes 1-3 minutes on 2 cores; an older lock was left by a kill
+
+
+def clear_stale_lock(name: str) -> bool:
+    """Remove the build lock of ``name`` when it is older than ``STALE_LOCK_S``: a build killed
+    mid-way leaves it behind, and torch then waits for it forever. True if one was removed."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        lock = Path(_get_build_directory(name, verbose=False)) / "lock"
+        if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+            lock.unlink(missing_ok=True)
+            warnings.warn(f"mtpspec: removed a stale native build lock ({lock})", stacklevel=3)
+            return True
+    except (ImportError, OSError):
+        pass
+    return False
 
 
 def extension():

@@ -148,3 +148,31 @@ def test_the_portable_path_gives_the_same_greedy_tokens():
     assert fast["native"] == (native.portable_reason() is None)
     assert portable["tokens"] == fast["tokens"]
     assert all(len(t) == 12 for t in fast["tokens"])
+
+
+def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, monkeypatch):
+    """A build killed mid-way leaves torch's lock behind, and every later import would wait on it
+    forever; an old lock is removed, a recent one (a build running now) is left alone."""
+    import os
+    import time
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = tmp_path / "fake_ext" / "lock"
+    assert os.path.realpath(_get_build_directory("fake_ext", verbose=False)) == str(lock.parent)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    lock.touch()
+    assert not native.clear_stale_lock("fake_ext") and lock.exists()
+    old = time.time() - native.STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    with pytest.warns(UserWarning, match="stale native build lock"):
+        assert native.clear_stale_lock("fake_ext")
+    assert not lock.exists()
+
+
+def test_checkouts_at_other_paths_build_apart(monkeypatch, tmp_path):
+    name = native.build_name()
+    monkeypatch.setattr(native, "CSRC", tmp_path)
+    (tmp_path / "x.cpp").write_text("int f() { return 1; }\n")
+    assert native.build_name() != name and native.build_name().startswith("mtpspec_native_")
