@@ -15,7 +15,6 @@ import fnmatch
 import json
 import os
 import shutil
-import threading
 import tomllib
 import urllib.request
 from pathlib import Path
@@ -25,9 +24,9 @@ import pytest
 from mtpspec import playground
 from mtpspec.engine import Engine, GenerateOptions
 from mtpspec.proposers.ngram import NgramProposer
-from mtpspec.server import ServeConfig, start
+from mtpspec.server import ServeConfig
 
-from tiny_hf import tiny_chat_target
+from tiny_hf import served, tiny_chat_target
 
 MAX_LEN = 256
 REPEATING = "alpha beta gamma alpha beta gamma alpha beta"
@@ -49,13 +48,9 @@ def server(target):
     engine = Engine(target.model, target.tokenizer, NgramProposer(), max_len=MAX_LEN, policy=False)
     # decode once first: a first build of the native kernels stays out of the browser's timeouts
     engine.generate([target.tokenizer.encode("warm up")], GenerateOptions(max_new_tokens=2))
-    srv = start(engine, target.name, ServeConfig(port=0, max_batch_size=4, draft_k=4,
-                                                 spec="ngram"))
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
+    with served(engine, target.name, ServeConfig(port=0, max_batch_size=4, draft_k=4,
+                                                 spec="ngram")) as srv:
+        yield srv
 
 
 def get(server, path: str):
@@ -161,13 +156,18 @@ def drafted_text(chunks: list[dict], chat: bool) -> str:
     return "".join(out)
 
 
-def test_page_streams_the_greedy_text_with_drafts_marked(page, server, target):
-    page.select_option("#mode", "completion")
-    page.fill("#prompt", DRAFTY)
-    page.fill("#max-tokens", "40")
+def submit(page, mode: str, prompt: str, max_tokens: int, button: str, done: str) -> None:
+    """Fill the form for a greedy request, press ``button`` and wait for the ``done`` selector."""
+    page.select_option("#mode", mode)
+    page.fill("#prompt", prompt)
+    page.fill("#max-tokens", str(max_tokens))
     page.fill("#temperature", "0")
-    page.click("#generate")
-    page.wait_for_selector("#pane-spec[data-state=done]", timeout=TIMEOUT_MS)
+    page.click(button)
+    page.wait_for_selector(done, timeout=TIMEOUT_MS)
+
+
+def test_page_streams_the_greedy_text_with_drafts_marked(page, server, target):
+    submit(page, "completion", DRAFTY, 40, "#generate", "#pane-spec[data-state=done]")
 
     request = {"prompt": DRAFTY, "max_tokens": 40, "temperature": 0}
     greedy = post(server, "/v1/completions", request)
@@ -188,12 +188,7 @@ def test_page_streams_the_greedy_text_with_drafts_marked(page, server, target):
 
 
 def test_side_by_side_runs_plain_and_speculative_and_compares(page, server, target):
-    page.select_option("#mode", "chat")
-    page.fill("#prompt", REPEATING)
-    page.fill("#max-tokens", "24")
-    page.fill("#temperature", "0")
-    page.click("#compare")
-    page.wait_for_selector("#verdict:not([hidden])", timeout=TIMEOUT_MS)
+    submit(page, "chat", REPEATING, 24, "#compare", "#verdict:not([hidden])")
 
     answer = post(server, "/v1/chat/completions", {
         "messages": [{"role": "user", "content": REPEATING}], "max_tokens": 24,

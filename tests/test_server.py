@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -20,10 +19,10 @@ import pytest
 from mtpspec.engine import Engine, GenerateOptions
 from mtpspec.openai_api import APIError, ServedModel, parse_request
 from mtpspec.proposers.ngram import NgramProposer
-from mtpspec.server import ServeConfig, start
+from mtpspec.server import ServeConfig
 from mtpspec.tokenizer import load_tokenizer_hf
 
-from tiny_hf import tiny_chat_target, write_tiny_hf_model
+from tiny_hf import served, tiny_chat_target, write_tiny_hf_model
 
 MAX_LEN = 256
 
@@ -36,13 +35,9 @@ def target(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(target):
     engine = Engine(target.model, target.tokenizer, NgramProposer(), max_len=MAX_LEN)
-    srv = start(engine, target.name, ServeConfig(port=0, max_batch_size=4, draft_k=4,
-                                                 spec="ngram"))
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
+    with served(engine, target.name, ServeConfig(port=0, max_batch_size=4, draft_k=4,
+                                                 spec="ngram")) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")

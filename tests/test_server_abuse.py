@@ -23,9 +23,9 @@ import pytest
 from mtpspec.engine import Engine, GenerateOptions
 from mtpspec.proposers.ngram import NgramProposer
 from mtpspec.sequence import StopMatcher
-from mtpspec.server import ServeConfig, start
+from mtpspec.server import ServeConfig
 
-from tiny_hf import tiny_chat_target, write_tiny_hf_model
+from tiny_hf import served, tiny_chat_target, write_tiny_hf_model
 
 MAX_LEN = 256
 
@@ -41,14 +41,8 @@ def serving(target, proposer=True, **config):
                     max_len=MAX_LEN)
     settings = dict(port=0, max_batch_size=4, draft_k=4 if proposer else 0, watchdog_s=0.1)
     settings.update(config)
-    srv = start(engine, target.name, ServeConfig(**settings))
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with served(engine, target.name, ServeConfig(**settings)) as srv:
         yield srv
-    finally:
-        srv.shutdown()
-        srv.server_close()
 
 
 @pytest.fixture(scope="module")

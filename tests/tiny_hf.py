@@ -5,7 +5,9 @@ the real ``load_target`` path, so CLI tests run end to end in a second without t
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
 from pathlib import Path
 
 from safetensors.torch import save_file
@@ -109,3 +111,18 @@ class _ByteStream:
         text = self.tokenizer.decode(self.ids)
         out, self.done = text[len(self.done):], text
         return out
+
+
+@contextlib.contextmanager
+def served(engine, name: str, config):
+    """``mtpspec.server.start`` on a daemon thread for a test, shut down and closed afterwards."""
+    from mtpspec.server import start
+
+    srv = start(engine, name, config)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+        srv.server_close()
