@@ -228,8 +228,7 @@ def evaluate(head: MTPHead, target: TargetModel, sequences: list[list[int]], max
             valid = target_pos < length
             want = greedy[target_pos.clamp(max=length - 1)]
             reachable = ok & valid  # the draft is verified only if every earlier one was accepted
-            confidence.append(torch.stack([top[reachable].cpu(),
-                                           torch.full((int(reachable.sum()),), float(i))]))
+            confidence.append(top[reachable].cpu())
             ok &= (draft == want) & valid
             accepted.append(ok[reachable].cpu())
             run += ok.long()
@@ -240,7 +239,7 @@ def evaluate(head: MTPHead, target: TargetModel, sequences: list[list[int]], max
     per_pos = [float((runs > i).float().mean() / max((runs >= i).float().mean(), 1e-9))
                for i in range(max_k)]
     return {"tau": tau, "acceptance_per_position": per_pos, "positions": len(runs),
-            "calibration": calibration(torch.cat(confidence, 1), torch.cat(accepted))}
+            "calibration": calibration(torch.cat(confidence), torch.cat(accepted))}
 
 
 class _DenseClustered:
@@ -266,10 +265,10 @@ CALIBRATION_BINS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.00
 def calibration(confidence: torch.Tensor, accepted: torch.Tensor) -> dict:
     """Observed acceptance of a draft against the head's own confidence in it (its top
     probability), over drafts that verification would see: per confidence bin, the mean
-    confidence ("predicted"), the observed acceptance rate and the count. confidence [2, N]:
-    (top probability, draft position); accepted [N] bool. The proposer's calibrated stop
+    confidence ("predicted"), the observed acceptance rate and the count. confidence [N]: the
+    top probability of each draft; accepted [N] bool. The proposer's calibrated stop
     interpolates "observed" at the bin means (``proposers.mtp.Calibration``)."""
-    top, hit = confidence[0], accepted.float()
+    top, hit = confidence, accepted.float()
     bins = torch.tensor(CALIBRATION_BINS)
     which = torch.bucketize(top, bins, right=True) - 1  # [N] bin of each draft
     predicted, observed, count = [], [], []

@@ -45,6 +45,10 @@ class Calibration:
     predicted: tuple[float, ...]
     observed: tuple[float, ...]
 
+    def __post_init__(self) -> None:  # the knots as tensors once, not per draft step
+        object.__setattr__(self, "_xs", torch.tensor(self.predicted, dtype=torch.float32))
+        object.__setattr__(self, "_ys", torch.tensor(self.observed, dtype=torch.float32))
+
     @classmethod
     def from_json(cls, table: dict | None) -> "Calibration | None":
         if not table or not table.get("predicted"):
@@ -54,9 +58,8 @@ class Calibration:
 
     def __call__(self, top: torch.Tensor) -> torch.Tensor:
         """top [B] -> calibrated acceptance probability [B]."""
-        xs = torch.tensor(self.predicted, dtype=torch.float32)
-        ys = torch.tensor(self.observed, dtype=torch.float32)
-        top = top.float().clamp(float(xs[0]), float(xs[-1]))
+        xs, ys = self._xs, self._ys
+        top = top.float().clamp(self.predicted[0], self.predicted[-1])
         right = torch.searchsorted(xs, top).clamp(1, max(1, len(xs) - 1))
         if len(xs) == 1:
             return ys.expand_as(top).clone()
